@@ -1,0 +1,557 @@
+"""The configuration: TOML file + ``TOKEND_SECTION__KEY`` environment, validated once.
+
+``load_config`` is the only way in. It returns one frozen :class:`Config` that is passed
+down; every problem is a :class:`~tokend.errors.ConfigError` whose message names the key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .durations import Duration, format_timedelta, parse_timedelta
+from .errors import ConfigError
+
+ENV_PREFIX = "TOKEND_"
+AuthMethod = Literal["client_secret_post", "client_secret_basic"]
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret string that never shows itself in a repr, a log or a traceback."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///tokend.db"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.url.startswith("sqlite")
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    authorize_url: str = "https://auth.justimmo.at/authorize"
+    token_url: str = "https://auth.justimmo.at/access_token"
+    user_url: str = "https://api.justimmo.at/oauth/user/current"
+    refresh_token_ttl: Duration = Duration(months=1)
+    rate_limit: float = 5.0  # requests/s to the token endpoint per process; 0 = unlimited
+    timeout: timedelta = timedelta(seconds=10)
+    verify_tls: bool = True
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    name: str
+    client_id: str
+    client_secret: Secret
+    auth_method: AuthMethod = "client_secret_post"
+    redirect_uri: str | None = None
+    client_credentials: bool = False
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    interval: timedelta = timedelta(seconds=60)
+    refresh_before: timedelta = timedelta(hours=6)
+    retry_max: timedelta = timedelta(minutes=15)
+    reconsent_before: Duration = Duration(delta=timedelta(days=7))
+    concurrency: int = 8
+    max_grant_age: Duration | None = None
+    batch_size: int = 200
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = "127.0.0.1:9464"  # empty string disables the endpoint
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        if not self.listen:
+            return None
+        return split_host_port(self.listen)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: Literal["json", "console", "auto"] = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class EncryptionConfig:
+    key_file: Path | None = None  # resolved path; None = no key configured
+    keys: tuple[Secret, ...] = ()  # loaded keys, newest first (empty if the file is absent)
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    webhook_url: str = ""
+    webhook_secret: Secret | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig = DatabaseConfig()
+    provider: ProviderConfig = ProviderConfig()
+    clients: Mapping[str, ClientConfig] = field(default_factory=dict)
+    schedule: ScheduleConfig = ScheduleConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    encryption: EncryptionConfig = EncryptionConfig()
+    notify: NotifyConfig = NotifyConfig()
+    source: Path | None = None
+
+    def client(self, name: str) -> ClientConfig:
+        try:
+            return self.clients[name]
+        except KeyError:
+            known = ", ".join(sorted(self.clients)) or "none configured"
+            raise ConfigError(f"unknown client {name!r} (clients: {known})") from None
+
+    def client_by_id(self, client_id: str) -> ClientConfig | None:
+        return next((c for c in self.clients.values() if c.client_id == client_id), None)
+
+
+# --------------------------------------------------------------------------- loading
+
+_SECTIONS: dict[str, set[str]] = {
+    "database": {"url"},
+    "provider": {
+        "authorize_url", "token_url", "user_url", "refresh_token_ttl", "rate_limit",
+        "timeout", "verify_tls",
+    },
+    "schedule": {
+        "interval", "refresh_before", "retry_max", "reconsent_before", "concurrency",
+        "max_grant_age", "batch_size",
+    },
+    "metrics": {"listen"},
+    "logging": {"format", "level"},
+    "encryption": {"key_file"},
+    "notify": {"webhook_url", "webhook_secret", "webhook_secret_file"},
+}
+_CLIENT_KEYS = {
+    "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
+    "client_credentials",
+}
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the validated configuration from a TOML file (optional) and the environment."""
+    env = os.environ if env is None else env
+    if path is None and env.get("TOKEND_CONFIG"):
+        path = env["TOKEND_CONFIG"]
+    raw: dict[str, Any] = {}
+    source: Path | None = None
+    if path is not None:
+        source = Path(path)
+        try:
+            raw = tomllib.loads(source.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {source} does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {source} cannot be read: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {source} is not UTF-8 text") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {source} is not valid TOML: {exc}") from None
+    _apply_env(raw, env)
+    return _build(raw, source, env)
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == "TOKEND_CONFIG" or "__" not in name:
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if any(not p for p in parts):
+            raise ConfigError(f"environment variable {name}: empty name part")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"environment variable {name}: {part} is not a table")
+            node = child
+        node[parts[-1]] = _EnvValue(value)
+
+
+class _EnvValue(str):
+    """A string from the environment; coerced to the key's type when read."""
+
+
+def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> Config:
+    for section in raw:
+        if section not in _SECTIONS and section != "clients":
+            raise ConfigError(f"unknown section [{section}]")
+    r = _Reader(raw, source, env)
+
+    db_url = r.string("database", "url", DatabaseConfig.url)
+    database = DatabaseConfig(url=_database_url(db_url))
+
+    p = ProviderConfig()
+    provider = ProviderConfig(
+        authorize_url=r.url("provider", "authorize_url", p.authorize_url),
+        token_url=r.url("provider", "token_url", p.token_url),
+        user_url=r.url("provider", "user_url", p.user_url),
+        refresh_token_ttl=r.duration("provider", "refresh_token_ttl", p.refresh_token_ttl,
+                                     positive=True),
+        rate_limit=r.number("provider", "rate_limit", p.rate_limit, minimum=0),
+        timeout=r.timedelta("provider", "timeout", p.timeout, positive=True),
+        verify_tls=r.boolean("provider", "verify_tls", p.verify_tls),
+    )
+
+    s = ScheduleConfig()
+    max_age_text = r.string("schedule", "max_grant_age", "")
+    max_age: Duration | None = None
+    if max_age_text:
+        max_age = r.parse("schedule", "max_grant_age", Duration.parse, max_age_text)
+    schedule = ScheduleConfig(
+        interval=r.timedelta("schedule", "interval", s.interval, positive=True),
+        refresh_before=r.timedelta("schedule", "refresh_before", s.refresh_before, positive=True),
+        retry_max=r.timedelta("schedule", "retry_max", s.retry_max, positive=True),
+        reconsent_before=r.duration("schedule", "reconsent_before", s.reconsent_before),
+        concurrency=int(r.number("schedule", "concurrency", s.concurrency, minimum=1,
+                                 maximum=256, integer=True)),
+        max_grant_age=max_age,
+        batch_size=int(r.number("schedule", "batch_size", s.batch_size, minimum=1,
+                                maximum=10000, integer=True)),
+    )
+    if schedule.retry_max < schedule.interval:
+        raise ConfigError(
+            f"schedule.retry_max ({format_timedelta(schedule.retry_max)}) must not be shorter "
+            f"than schedule.interval ({format_timedelta(schedule.interval)})"
+        )
+
+    listen = r.string("metrics", "listen", MetricsConfig.listen)
+    if listen:
+        r.parse("metrics", "listen", split_host_port, listen)
+    metrics = MetricsConfig(listen=listen)
+
+    fmt = r.string("logging", "format", "auto")
+    if fmt not in ("json", "console", "auto"):
+        raise ConfigError(f"logging.format: must be json, console or auto, not {fmt!r}")
+    level = r.string("logging", "level", "info").lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(sorted(_LEVELS))}, "
+                          f"not {level!r}")
+    logging_cfg = LoggingConfig(format=fmt, level=level)  # type: ignore[arg-type]
+
+    key_name = r.string("encryption", "key_file", "tokend-key")
+    encryption = EncryptionConfig()
+    if key_name:
+        key_path = r.locate(key_name)
+        keys: tuple[Secret, ...] = ()
+        if key_path.exists():
+            keys = _read_keys(key_path)
+        encryption = EncryptionConfig(key_file=key_path, keys=keys)
+
+    notify = NotifyConfig(
+        webhook_url=r.url("notify", "webhook_url", "", allow_empty=True),
+        webhook_secret=r.secret("notify", "webhook_secret"),
+    )
+
+    clients = _clients(r, raw.get("clients", {}))
+    return Config(
+        database=database, provider=provider, clients=clients, schedule=schedule,
+        metrics=metrics, logging=logging_cfg, encryption=encryption, notify=notify,
+        source=source,
+    )
+
+
+def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
+    if not isinstance(raw, dict):
+        raise ConfigError("clients: must be a table of [clients.NAME] tables")
+    out: dict[str, ClientConfig] = {}
+    for name, table in raw.items():
+        where = f"clients.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in table:
+            if key not in _CLIENT_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key")
+        section = f"clients.{name}"
+        client_id = r.string(section, "client_id", "", table=table)
+        if not client_id:
+            raise ConfigError(f"{where}.client_id: is required")
+        secret = r.secret(section, "client_secret", table=table)
+        if secret is None:
+            raise ConfigError(f"{where}.client_secret: is required (or client_secret_file)")
+        method = r.string(section, "auth_method", "client_secret_post", table=table)
+        if method not in ("client_secret_post", "client_secret_basic"):
+            raise ConfigError(
+                f"{where}.auth_method: must be client_secret_post or client_secret_basic, "
+                f"not {method!r}"
+            )
+        redirect = r.url(section, "redirect_uri", "", allow_empty=True, table=table)
+        out[name] = ClientConfig(
+            name=name,
+            client_id=client_id,
+            client_secret=secret,
+            auth_method=method,  # type: ignore[arg-type]
+            redirect_uri=redirect or None,
+            client_credentials=r.boolean(section, "client_credentials", False, table=table),
+        )
+    ids = [c.client_id for c in out.values()]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ConfigError(f"clients: client_id {dupes[0]!r} is configured twice")
+    return out
+
+
+class _Reader:
+    """Typed access to the raw tables; every failure names ``section.key``."""
+
+    def __init__(self, raw: dict[str, Any], source: Path | None, env: Mapping[str, str]):
+        self.raw = raw
+        self.source = source
+        self.env = env
+        for section, keys in _SECTIONS.items():
+            table = raw.get(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{section}]: must be a table")
+            for key in table:
+                if key not in keys:
+                    raise ConfigError(f"{section}.{key}: unknown key")
+
+    def _get(self, section: str, key: str, table: dict[str, Any] | None) -> Any:
+        t = self.raw.get(section, {}) if table is None else table
+        return t.get(key)
+
+    def parse(self, section: str, key: str, fn: Callable[[str], Any], value: str) -> Any:
+        try:
+            return fn(value)
+        except ValueError as exc:
+            raise ConfigError(f"{section}.{key}: {exc}") from None
+
+    def string(self, section: str, key: str, default: str,
+               table: dict[str, Any] | None = None) -> str:
+        value = self._get(section, key, table)
+        if value is None:
+            return default
+        if isinstance(value, bool | int | float) and not isinstance(value, str):
+            raise ConfigError(f"{section}.{key}: must be a string, not {value!r}")
+        if not isinstance(value, str):
+            raise ConfigError(f"{section}.{key}: must be a string")
+        return value.strip()
+
+    def url(self, section: str, key: str, default: str, *, allow_empty: bool = False,
+            table: dict[str, Any] | None = None) -> str:
+        value = self.string(section, key, default, table)
+        if not value and allow_empty:
+            return ""
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{section}.{key}: must be an http(s) URL, not {value!r}")
+        return value
+
+    def boolean(self, section: str, key: str, default: bool,
+                table: dict[str, Any] | None = None) -> bool:
+        value = self._get(section, key, table)
+        if value is None:
+            return default
+        if isinstance(value, _EnvValue):
+            low = value.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+        elif isinstance(value, bool):
+            return value
+        raise ConfigError(f"{section}.{key}: must be true or false, not {value!r}")
+
+    def number(self, section: str, key: str, default: float, *, minimum: float | None = None,
+               maximum: float | None = None, integer: bool = False) -> float:
+        value = self._get(section, key, None)
+        if value is None:
+            return default
+        if isinstance(value, _EnvValue):
+            try:
+                value = int(value) if integer else float(value)
+            except ValueError:
+                kind = "a whole number" if integer else "a number"
+                raise ConfigError(f"{section}.{key}: must be {kind}, not {str(value)!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{section}.{key}: must be a number, not {value!r}")
+        if integer and (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{section}.{key}: must be a whole number, not {value!r}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{section}.{key}: must be a finite number")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{section}.{key}: must be at least {minimum:g}, not {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{section}.{key}: must be at most {maximum:g}, not {value}")
+        return float(value)
+
+    def duration(self, section: str, key: str, default: Duration, *,
+                 positive: bool = False) -> Duration:
+        value = self._get(section, key, None)
+        if value is None:
+            return default
+        d: Duration = self.parse(section, key, Duration.parse, value)
+        if positive and d.is_zero:
+            raise ConfigError(f"{section}.{key}: must be longer than zero")
+        return d
+
+    def timedelta(self, section: str, key: str, default: timedelta, *,
+                  positive: bool = False) -> timedelta:
+        value = self._get(section, key, None)
+        if value is None:
+            return default
+        d: timedelta = self.parse(section, key, parse_timedelta, value)
+        if positive and d <= timedelta(0):
+            raise ConfigError(f"{section}.{key}: must be longer than zero")
+        return d
+
+    def locate(self, name: str) -> Path:
+        """A bare file name is a systemd credential, else relative to the config file."""
+        path = Path(name).expanduser()
+        if path.is_absolute():
+            return path
+        creds = self.env.get("CREDENTIALS_DIRECTORY")
+        if len(path.parts) == 1 and creds:
+            return Path(creds) / path
+        if self.source is not None:
+            return self.source.parent / path
+        return path
+
+    def secret(self, section: str, key: str, *,
+               table: dict[str, Any] | None = None) -> Secret | None:
+        inline = self.string(section, key, "", table)
+        file_name = self.string(section, f"{key}_file", "", table)
+        if inline and file_name:
+            raise ConfigError(f"{section}.{key}: set either {key} or {key}_file, not both")
+        if file_name:
+            path = self.locate(file_name)
+            try:
+                text = path.read_text(encoding="utf-8").strip()
+            except FileNotFoundError:
+                raise ConfigError(f"{section}.{key}_file: {path} does not exist") from None
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+                raise ConfigError(f"{section}.{key}_file: {path} cannot be read: {reason}") from None
+            if not text:
+                raise ConfigError(f"{section}.{key}_file: {path} is empty")
+            return Secret(text)
+        return Secret(inline) if inline else None
+
+
+def _read_keys(path: Path) -> tuple[Secret, ...]:
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not ASCII text"
+        raise ConfigError(f"encryption.key_file: {path} cannot be read: {reason}") from None
+    keys = tuple(Secret(line.strip()) for line in lines
+                 if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise ConfigError(f"encryption.key_file: {path} holds no key")
+    return keys
+
+
+def _database_url(url: str) -> str:
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    if url.startswith(("sqlite://", "postgresql+psycopg://")):
+        return url
+    raise ConfigError(
+        f"database.url: must start with sqlite:/// or postgresql+psycopg://, not {url.split(':')[0]!r}"
+    )
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, not {text!r}")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"port must be a number, not {port!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not host.replace("-", "").replace(".", "").isalnum():
+                raise ValueError(f"invalid host {host!r}") from None
+    return host, number
+
+
+def render(config: Config) -> str:
+    """The effective settings as TOML-like text, secrets masked."""
+
+    def q(value: object) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return f"{value:g}" if isinstance(value, float) else str(value)
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    db = config.database.url
+    parts = urlsplit(db)
+    if parts.password:
+        db = db.replace(f":{parts.password}@", ":********@")
+    p, s = config.provider, config.schedule
+    lines = [
+        f"# effective configuration (source: {config.source or 'built-in defaults'})",
+        "[database]", f"url = {q(db)}", "",
+        "[provider]",
+        f"authorize_url = {q(p.authorize_url)}",
+        f"token_url = {q(p.token_url)}",
+        f"user_url = {q(p.user_url)}",
+        f"refresh_token_ttl = {q(str(p.refresh_token_ttl))}",
+        f"rate_limit = {q(p.rate_limit)}",
+        f"timeout = {q(format_timedelta(p.timeout))}",
+        f"verify_tls = {q(p.verify_tls)}", "",
+    ]
+    for c in config.clients.values():
+        lines += [
+            f"[clients.{c.name}]",
+            f"client_id = {q(c.client_id)}",
+            'client_secret = "********"',
+            f"auth_method = {q(c.auth_method)}",
+            f"redirect_uri = {q(c.redirect_uri or '')}",
+            f"client_credentials = {q(c.client_credentials)}", "",
+        ]
+    lines += [
+        "[schedule]",
+        f"interval = {q(format_timedelta(s.interval))}",
+        f"refresh_before = {q(format_timedelta(s.refresh_before))}",
+        f"retry_max = {q(format_timedelta(s.retry_max))}",
+        f"reconsent_before = {q(str(s.reconsent_before))}",
+        f"concurrency = {s.concurrency}",
+        f"max_grant_age = {q(str(s.max_grant_age) if s.max_grant_age else '')}",
+        f"batch_size = {s.batch_size}", "",
+        "[metrics]", f"listen = {q(config.metrics.listen)}", "",
+        "[logging]", f"format = {q(config.logging.format)}", f"level = {q(config.logging.level)}", "",
+        "[encryption]",
+        f"key_file = {q(str(config.encryption.key_file or ''))}"
+        f"  # {len(config.encryption.keys)} key(s) loaded", "",
+        "[notify]",
+        f"webhook_url = {q(config.notify.webhook_url)}",
+        f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}",
+    ]
+    return "\n".join(lines) + "\n"
