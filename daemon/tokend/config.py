@@ -7,6 +7,7 @@ down; every problem is a :class:`~tokend.errors.ConfigError` whose message names
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -264,7 +265,7 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
         key_path = r.locate(key_name)
         keys: tuple[Secret, ...] = ()
         if key_path.exists():
-            keys = _read_keys(key_path)
+            keys = read_keys(key_path)
         encryption = EncryptionConfig(key_file=key_path, keys=keys)
 
     notify = NotifyConfig(
@@ -396,7 +397,7 @@ class _Reader:
             raise ConfigError(f"{section}.{key}: must be a number, not {value!r}")
         if integer and (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{section}.{key}: must be a whole number, not {value!r}")
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ConfigError(f"{section}.{key}: must be a finite number")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{section}.{key}: must be at least {minimum:g}, not {value}")
@@ -450,14 +451,15 @@ class _Reader:
                 raise ConfigError(f"{section}.{key}_file: {path} does not exist") from None
             except (OSError, UnicodeDecodeError) as exc:
                 reason = getattr(exc, "strerror", None) or "not UTF-8 text"
-                raise ConfigError(f"{section}.{key}_file: {path} cannot be read: {reason}") from None
+                raise ConfigError(
+                    f"{section}.{key}_file: {path} cannot be read: {reason}") from None
             if not text:
                 raise ConfigError(f"{section}.{key}_file: {path} is empty")
             return Secret(text)
         return Secret(inline) if inline else None
 
 
-def _read_keys(path: Path) -> tuple[Secret, ...]:
+def read_keys(path: Path) -> tuple[Secret, ...]:
     try:
         lines = path.read_text(encoding="ascii").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -476,7 +478,8 @@ def _database_url(url: str) -> str:
     if url.startswith(("sqlite://", "postgresql+psycopg://")):
         return url
     raise ConfigError(
-        f"database.url: must start with sqlite:/// or postgresql+psycopg://, not {url.split(':')[0]!r}"
+        "database.url: must start with sqlite:/// or postgresql+psycopg://, "
+        f"not {url.split(':', maxsplit=1)[0]!r}"
     )
 
 
@@ -546,7 +549,8 @@ def render(config: Config) -> str:
         f"max_grant_age = {q(str(s.max_grant_age) if s.max_grant_age else '')}",
         f"batch_size = {s.batch_size}", "",
         "[metrics]", f"listen = {q(config.metrics.listen)}", "",
-        "[logging]", f"format = {q(config.logging.format)}", f"level = {q(config.logging.level)}", "",
+        "[logging]", f"format = {q(config.logging.format)}",
+        f"level = {q(config.logging.level)}", "",
         "[encryption]",
         f"key_file = {q(str(config.encryption.key_file or ''))}"
         f"  # {len(config.encryption.keys)} key(s) loaded", "",

@@ -54,7 +54,8 @@ class Duration:
             )
             return cls(months, delta)
         raise ValueError(
-            f"invalid duration {text!r} (use e.g. '90s', '15m', '6h', '7d' or ISO 8601 'PT6H', 'P1M')"
+            f"invalid duration {text!r} "
+            "(use e.g. '90s', '15m', '6h', '7d' or ISO 8601 'PT6H', 'P1M')"
         )
 
     @classmethod

@@ -1,0 +1,178 @@
+"""``tokend authorize``: the authorization-code flow a person runs to (re-)consent.
+
+Prints the authorize URL on a line of its own on stdout, receives the redirect on a
+local listener, checks ``state``, exchanges the code at once (league codes live one
+minute), looks up the user and tenant, and stores the grant, replacing that user's
+grant of the client. Progress and errors go to stderr; nothing is stored on failure.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import threading
+import webbrowser
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, TextIO
+from urllib.parse import parse_qs, urlsplit
+
+from . import logs, policy
+from .config import Config, split_host_port
+from .errors import ConfigError, ProviderError, TokendError, UsageError
+from .maintenance import event_payload
+from .model import Grant, GrantType, NewGrant, Status
+from .provider import ProviderClient
+from .store import Store, open_store
+
+log = logs.get("tokend.authorize")
+
+_PAGE = """<!doctype html><meta charset="utf-8"><title>tokend</title>
+<body style="font-family:sans-serif;margin:3em"><h1>{title}</h1><p>{text}</p></body>"""
+
+
+class AuthorizationFailed(TokendError):
+    pass
+
+
+class _Callback:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.params: dict[str, str] | None = None
+        self.received = threading.Event()
+
+
+def _listener(address: tuple[str, int], callback: _Callback) -> HTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = urlsplit(self.path)
+            if parts.path != callback.path or callback.received.is_set():
+                self._page(404, "Not found", "This is tokend's consent listener.")
+                return
+            query = parse_qs(parts.query, keep_blank_values=True)
+            callback.params = {k: v[0] for k, v in query.items()}
+            ok = "code" in callback.params and "error" not in callback.params
+            self._page(200 if ok else 400,
+                       "Authorization received" if ok else "Authorization not granted",
+                       "You can close this window and return to the terminal.")
+            callback.received.set()
+
+        def _page(self, code: int, title: str, text: str) -> None:
+            body = _PAGE.format(title=title, text=text).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    return HTTPServer(address, Handler)
+
+
+def authorize(config: Config, *, client: str, listen: str | None = None,
+              redirect_uri: str | None = None, open_browser: bool = True,
+              timeout: float = 300.0, out: TextIO | None = None, err: TextIO | None = None,
+              store: Store | None = None, provider: ProviderClient | None = None,
+              on_url: Callable[[str], None] | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    c = config.client(client)
+    redirect = redirect_uri or c.redirect_uri
+    if not redirect:
+        raise ConfigError(f"clients.{client}.redirect_uri: is required for authorize "
+                          "(or pass --redirect-uri)")
+    parts = urlsplit(redirect)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--redirect-uri: must be an http(s) URL, not {redirect!r}")
+    if listen:
+        try:
+            address = split_host_port(listen)
+        except ValueError as exc:
+            raise UsageError(f"--listen: {exc}") from None
+    else:
+        address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    callback = _Callback(parts.path or "/")
+    try:
+        server = _listener(address, callback)
+    except OSError as exc:
+        raise AuthorizationFailed(
+            f"cannot listen on {address[0]}:{address[1]}: {exc.strerror} (use --listen)"
+        ) from None
+    own_provider = provider is None
+    provider = provider or ProviderClient(config.provider)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
+                              daemon=True)
+    thread.start()
+    try:
+        state = secrets.token_urlsafe(24)
+        url = provider.authorize_url(c, redirect, state)
+        print(f"Open this URL in a browser and grant access (waiting {timeout:g}s):", file=err)
+        print(url, file=out, flush=True)
+        if on_url is not None:
+            on_url(url)
+        elif open_browser:
+            try:
+                webbrowser.open(url)
+            except webbrowser.Error:
+                pass
+        if not callback.received.wait(timeout):
+            raise AuthorizationFailed(f"no redirect received within {timeout:g}s; nothing stored")
+        params = callback.params or {}
+        if params.get("state") != state:
+            raise AuthorizationFailed("the redirect's state does not match (a stale or forged "
+                                      "request); nothing stored")
+        if "error" in params:
+            detail = "; ".join(v for v in (params.get("message") or
+                                           params.get("error_description"),
+                                           params.get("hint")) if v)
+            raise AuthorizationFailed(f"authorization denied: {params['error']}"
+                                      + (f" ({detail})" if detail else "") + "; nothing stored")
+        code = params.get("code")
+        if not code:
+            raise AuthorizationFailed("the redirect carries no code; nothing stored")
+        try:
+            resp = provider.exchange_code(c, code, redirect)
+            user_id, tenant_id = provider.current_user(resp.access_token)
+        except ProviderError as exc:
+            raise AuthorizationFailed(f"code exchange failed: {exc}; nothing stored") from None
+        new = NewGrant(
+            client=c.name, grant_type=GrantType.AUTHORIZATION_CODE.value,
+            access_token=resp.access_token, access_expires_at=resp.access_expires_at,
+            obtained_at=resp.sent_at, refresh_token=resp.refresh_token,
+            refresh_expires_at=config.provider.refresh_token_ttl.after(resp.sent_at)
+            if resp.refresh_token else None,
+            user_id=user_id, tenant_id=tenant_id, consented_at=resp.sent_at,
+        )
+        own_store = store is None
+        store = store or open_store(config)
+        try:
+            now = store.clock()
+
+            def event(grant: Grant, previous: Status | None) -> dict[str, Any] | None:
+                name = policy.event_for(previous, grant.status) if previous else None
+                if name is None:
+                    return None
+                return event_payload(name, grant, grant.status, grant.reason,
+                                     grant.refresh_expires_at, now)
+
+            gid, previous = store.consent(
+                new, lambda g: policy.initial(g, now, config.schedule), event)
+        finally:
+            if own_store:
+                store.close()
+        what = "replaced" if previous else "stored"
+        print(f"{what} grant {gid} for user {user_id} (tenant {tenant_id or '-'}) of client "
+              f"{c.name}" + (f"; it was {previous.value}" if previous else ""), file=err)
+        log.info("consent_stored", grant_id=gid, client=c.name, user_id=user_id,
+                 previous=previous.value if previous else None)
+        return 0
+    except AuthorizationFailed as exc:
+        print(f"tokend: {exc}", file=err)
+        return 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        if own_provider:
+            provider.close()

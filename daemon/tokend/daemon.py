@@ -1,0 +1,224 @@
+"""The daemon: an APScheduler 3.x interval job around the maintenance pass.
+
+The main thread only waits on an event (and pings the systemd watchdog); the scheduler
+thread runs passes (``max_instances=1``, coalesced, first one immediately). SIGTERM or
+SIGINT stops claiming, lets in-flight refreshes finish and be saved, and exits 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from types import FrameType
+from typing import Any
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from . import logs
+from .config import Config
+from .errors import StoreError, TokendError
+from .maintenance import Maintenance, PassResult
+from .metrics import Metrics, MetricsServer
+from .notify import Notifier
+from .provider import ProviderClient
+from .sdnotify import Notifier as SystemdNotifier
+from .store import Store, open_store
+
+log = logs.get("tokend.daemon")
+STOP_TIMEOUT = 45.0  # below systemd's TimeoutStopSec=60
+
+
+class Daemon:
+    def __init__(self, config: Config, store: Store, *, metrics: Metrics | None = None,
+                 provider: ProviderClient | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.metrics.init_clients(((c.name, c.client_credentials)
+                                   for c in config.clients.values()),
+                                  config.schedule.interval.total_seconds())
+        self.provider = provider or ProviderClient(
+            config.provider, pool_size=config.schedule.concurrency)
+        self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics)
+        self.notifier = Notifier(config, store, self.metrics, self.maintenance.stop_event)
+        self.stop_event = threading.Event()
+        self.last_success: datetime | None = None
+        self.last_result: PassResult | None = None
+        self.consecutive_errors = 0
+        self.scheduler = BackgroundScheduler(timezone=UTC)
+        self.server: MetricsServer | None = None
+
+    # ------------------------------------------------------------------ passes
+
+    def run_pass(self) -> PassResult | None:
+        """One pass with its own error boundary: the database may be down; we go on."""
+        if self.stop_event.is_set():
+            return None
+        started = datetime.now(UTC)
+        try:
+            result = self.maintenance.run_pass()
+        except TokendError as exc:
+            self.consecutive_errors += 1
+            self.metrics.pass_done((datetime.now(UTC) - started).total_seconds(), None)
+            log.error("pass_failed", error=str(exc), consecutive=self.consecutive_errors)
+            return None
+        except Exception as exc:  # a bug must not end the daemon either
+            self.consecutive_errors += 1
+            log.exception("pass_crashed", error=type(exc).__name__)
+            return None
+        finished = datetime.now(UTC)
+        self.consecutive_errors = 0
+        self.last_success = finished
+        self.last_result = result
+        self.metrics.pass_done(result.duration, finished)
+        self.update_gauges()
+        log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,
+                 failed=result.failed, skipped=result.skipped,
+                 failures=dict(result.failures), duration_s=round(result.duration, 3),
+                 stopped=result.stopped)
+        return result
+
+    def update_gauges(self) -> None:
+        try:
+            self.metrics.set_stats(self.store.stats(list(self.config.clients)))
+        except StoreError as exc:
+            log.warning("gauges_not_updated", error=str(exc))
+
+    # ------------------------------------------------------------------ health
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        running = bool(self.scheduler.running)
+        stuck = False
+        started = self.maintenance.pass_started
+        if self.maintenance.pass_running.is_set() and started is not None:
+            limit = max(self.maintenance.lease.total_seconds() * 5, 600)
+            stuck = time.monotonic() - started > limit
+        return running and not stuck, {"scheduler_running": running, "pass_stuck": stuck}
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        window = self.config.schedule.interval * 3 + timedelta(seconds=30)
+        recent = self.last_success is not None and \
+            datetime.now(UTC) - self.last_success < window
+        try:
+            self.store.revision()
+            db = True
+        except Exception:
+            db = False
+        return db and recent, {
+            "database": db, "last_success": self.last_success.isoformat()
+            if self.last_success else None,
+        }
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        address = self.config.metrics.address
+        if address is not None:
+            try:
+                self.server = MetricsServer(self.metrics, address, healthy=self.healthy,
+                                            ready=self.ready).start()
+            except OSError as exc:
+                raise TokendError(f"metrics.listen: cannot listen on "
+                                  f"{self.config.metrics.listen}: {exc.strerror}") from None
+            log.info("metrics_listening", address=f"{self.server.address[0]}:"
+                                                   f"{self.server.address[1]}")
+        interval = self.config.schedule.interval.total_seconds()
+        self.scheduler.add_job(
+            self.run_pass, "interval", seconds=interval, id="maintenance",
+            max_instances=1, coalesce=True, misfire_grace_time=max(1, int(interval)),
+            next_run_time=datetime.now(UTC))
+        if self.config.notify.webhook_url:
+            self.scheduler.add_job(
+                self.notifier.deliver_due, "interval", seconds=min(interval, 10.0), id="notify",
+                max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.maintenance.stop()
+        # wait=True: the running pass finishes its in-flight refreshes and saves them.
+        done = threading.Event()
+
+        def shutdown() -> None:
+            try:
+                self.scheduler.shutdown(wait=True)
+            finally:
+                done.set()
+
+        threading.Thread(target=shutdown, daemon=True).start()
+        if not done.wait(STOP_TIMEOUT):
+            log.error("stop_timeout", detail="in-flight work did not finish in time")
+        self.maintenance.close()
+        self.provider.close()
+        if self.server is not None:
+            self.server.stop()
+        self.update_gauges()
+
+
+def run_daemon(config: Config) -> int:
+    logs.configure(config.logging)
+    sd = SystemdNotifier.from_env()
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    store = _open_with_retry(config, stop, sd)
+    if store is None:
+        return 0
+    daemon = Daemon(config, store)
+    daemon.start()
+    sd.ready()
+    log.info("started", clients=sorted(config.clients), interval=str(config.schedule.interval),
+             owner=daemon.maintenance.owner)
+    ping = sd.watchdog_interval or 5.0
+    while not stop.wait(min(ping, 5.0)):
+        if daemon.healthy()[0]:
+            sd.watchdog()
+    sd.stopping()
+    log.info("stopping")
+    daemon.stop()
+    store.close()
+    log.info("stopped")
+    return 0
+
+
+def _open_with_retry(config: Config, stop: threading.Event,
+                     sd: SystemdNotifier) -> Store | None:
+    """A database that is down at start-up is waited for, not a reason to die."""
+    delay = 1.0
+    while True:
+        try:
+            return open_store(config, pool_size=config.schedule.concurrency + 2)
+        except StoreError as exc:
+            if "tokend db upgrade" in str(exc):
+                raise
+            log.error("database_unavailable", error=str(exc), retry_in=delay)
+            sd.status(f"waiting for the database: {exc}")
+            sd.watchdog()
+        if stop.wait(delay):
+            return None
+        delay = min(delay * 2, 30.0)
+
+
+def run_once(config: Config) -> int:
+    logs.configure(config.logging)
+    store = open_store(config, pool_size=config.schedule.concurrency + 2)
+    daemon = Daemon(config, store)
+    try:
+        result = daemon.maintenance.run_pass()
+        daemon.notifier.deliver_due()
+    finally:
+        daemon.maintenance.close()
+        daemon.provider.close()
+        store.close()
+    log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,
+             failed=result.failed, skipped=result.skipped, failures=dict(result.failures),
+             duration_s=round(result.duration, 3))
+    return 0 if result.ok else 1

@@ -1,0 +1,187 @@
+"""``tokend demo``: the whole daemon against an embedded fake Justimmo, in a minute.
+
+Everything is real except the provider: the grants are obtained through the
+authorization-code flow (``tokend authorize``'s code), stored encrypted in SQLite in a
+temp dir, and kept alive by the same scheduler and maintenance pass as in production,
+with lifetimes shrunk (access 30 s, refresh 3 min) so that refreshes, a re-consent flag
+and the metrics show up within a minute.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+
+import requests
+
+from . import logs
+from .authorize import authorize
+from .config import Config, load_config
+from .daemon import Daemon
+from .durations import Duration
+from .fake_provider import FakeJustimmo
+from .store import open_store
+
+CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
+USERS = {1001: 501, 1002: 501, 1003: 502, 1004: 503}
+
+
+def demo_config(workdir: Path, fake: FakeJustimmo, listen: str) -> Path:
+    path = workdir / "tokend.toml"
+    (workdir / "demo-secret").write_text(CLIENT_SECRET + "\n")
+    (workdir / "demo-secret").chmod(0o600)
+    path.write_text(f"""# written by `tokend demo`: a real config, pointing at the embedded fake
+[database]
+url = "sqlite:///{workdir / 'tokend.db'}"
+
+[provider]
+authorize_url = "{fake.authorize_url}"
+token_url = "{fake.token_url}"
+user_url = "{fake.user_url}"
+refresh_token_ttl = "3m"
+rate_limit = 20
+timeout = "5s"
+
+[clients.demo]
+client_id = "{CLIENT_ID}"
+client_secret_file = "demo-secret"
+redirect_uri = "http://127.0.0.1:0/callback"
+client_credentials = true
+
+[schedule]
+interval = "5s"
+refresh_before = "10s"
+retry_max = "30s"
+reconsent_before = "150s"
+concurrency = 4
+max_grant_age = "45s"
+
+[metrics]
+listen = "{listen}"
+
+[logging]
+format = "console"
+level = "info"
+
+[encryption]
+key_file = "tokend-key"
+""")
+    return path
+
+
+def _consent(config: Config, user_id: int) -> None:
+    """One person clicking "allow": the browser is played by requests."""
+
+    def browse(url: str) -> None:
+        def go() -> None:
+            requests.get(f"{url}&user_id={user_id}", timeout=10)
+
+        threading.Thread(target=go, daemon=True).start()
+
+    with open(_devnull(), "w") as quiet:
+        code = authorize(config, client="demo", listen=None,
+                         redirect_uri=_free_redirect(), open_browser=False, timeout=15,
+                         out=quiet, err=quiet, on_url=browse)
+    if code != 0:
+        raise RuntimeError(f"demo consent for user {user_id} failed")
+
+
+def _devnull() -> str:
+    return "/dev/null"
+
+
+def _free_redirect() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/callback"
+
+
+def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
+             workdir: str | None = None) -> int:
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="tokend-demo-")
+        workdir = tmp.name
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    say = _say
+    fake = FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, access_ttl=30,
+                        refresh_ttl=Duration(delta=timedelta(minutes=3)), cc_ttl=40,
+                        users=USERS).start()
+    stop = threading.Event()
+
+    def on_signal(_signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    daemon = None
+    store = None
+    try:
+        config = load_config(demo_config(wd, fake, listen), env={})
+        logs.configure(config.logging)
+        say(f"fake Justimmo listening on {fake.base_url}; working directory {wd}")
+        say(f"config: {wd / 'tokend.toml'} (access tokens live 30s, refresh tokens 3m)")
+        for user in USERS:
+            _consent(config, user)
+        say(f"{len(USERS)} users consented through the authorization-code flow")
+        store = open_store(config)
+        daemon = Daemon(config, store)
+        daemon.start()
+        say(f"daemon started; metrics on http://{listen}/metrics, health on /healthz, /readyz")
+        say("watch: refreshes every ~20s per grant; in ~10s user 1004 revokes access at the "
+            "provider, so its grant is flagged reconsent_required; after ~40s the refresh "
+            "tokens near their 3-minute end and grants go reconsent_due until a refresh "
+            "rotates them out of the window again")
+        started = time.monotonic()
+        revoked = False
+        while not stop.wait(1.0):
+            elapsed = time.monotonic() - started
+            if not revoked and elapsed > 10:
+                token = fake.current_refresh_token(1004, CLIENT_ID)
+                if token:
+                    fake.revoke_refresh_token(token)
+                    say("provider: user 1004 revoked tokend's access")
+                revoked = True
+            if int(elapsed) % 15 == 0:
+                _summary(store, fake, say)
+            if duration is not None and elapsed >= duration:
+                break
+        _summary(store, fake, say)
+        say("stopping")
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        if store is not None:
+            store.close()
+        fake.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _summary(store: object, fake: FakeJustimmo, say: object) -> None:
+    from .store import Store
+
+    assert isinstance(store, Store)
+    rows = list(store.iter_grants())
+    stats = fake.stats(request_times=False)
+    _say("grants: " + ", ".join(
+        f"#{g.id} {g.user_id or 'client-credentials'}={g.status.value}"
+        + (f"({g.reason})" if g.reason else "") for g in rows))
+    _say(f"provider saw {stats['by_grant'].get('refresh_token', 0)} refreshes, "
+         f"{stats['by_grant'].get('client_credentials', 0)} client-credentials grants, "
+         f"refresh-token reuse: {stats['reuse_count']}")
+
+
+def _say(text: str) -> None:
+    print(f"demo | {text}", file=sys.stdout, flush=True)

@@ -1,0 +1,141 @@
+"""Validation of ``tokend grants import`` files: every record checked before any is stored.
+
+Accepted: a JSON array of objects, or JSON lines (one object per line). Errors name the
+record (1-based) and the field, and never echo a token.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from .config import Config
+from .errors import InputError
+from .model import GrantType, NewGrant
+
+_FIELDS = {
+    "client", "grant_type", "access_token", "refresh_token", "expires_in", "access_expires_at",
+    "obtained_at", "refresh_expires_at", "user_id", "tenant_id", "token_type", "consented_at",
+}
+MAX_EXPIRES_IN = 10 * 365 * 86400
+
+
+def parse_records(text: str) -> list[Any]:
+    stripped = text.lstrip()
+    if not stripped:
+        raise InputError("import: the input is empty")
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"import: not valid JSON: {exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno}") from None
+        if not isinstance(data, list):
+            raise InputError("import: expected a JSON array of objects")
+        return data
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"import: line {number} is not valid JSON: {exc.msg}") from None
+    return records
+
+
+def validate(records: list[Any], config: Config, now: datetime) -> list[NewGrant]:
+    out = []
+    for number, record in enumerate(records, 1):
+        out.append(_record(number, record, config, now))
+    if not out:
+        raise InputError("import: no records")
+    return out
+
+
+def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
+    where = f"import: record {n}"
+    if not isinstance(rec, Mapping):
+        raise InputError(f"{where}: must be a JSON object")
+    unknown = sorted(set(rec) - _FIELDS)
+    if unknown:
+        raise InputError(f"{where}: unknown field {unknown[0]!r}")
+
+    def string(key: str, *, required: bool = False, ids: bool = False) -> str | None:
+        value = rec.get(key)
+        if value is None:
+            if required:
+                raise InputError(f"{where}: field {key!r} is required")
+            return None
+        if ids and isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str) or not value.strip():
+            kind = "a non-empty string or integer" if ids else "a non-empty string"
+            raise InputError(f"{where}: field {key!r} must be {kind}")
+        if len(value) > (255 if ids else 16384):
+            raise InputError(f"{where}: field {key!r} is too long")
+        return value.strip() if ids else value
+
+    def moment(key: str) -> datetime | None:
+        value = rec.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InputError(f"{where}: field {key!r} must be an ISO 8601 string")
+        try:
+            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InputError(f"{where}: field {key!r} is not an ISO 8601 time: {value!r}") from None
+        if parsed.tzinfo is None:
+            raise InputError(f"{where}: field {key!r} needs a time zone (e.g. 'Z'): {value!r}")
+        return parsed.astimezone(UTC)
+
+    client = string("client", required=True)
+    assert client is not None
+    if client not in config.clients:
+        known = ", ".join(sorted(config.clients)) or "none configured"
+        raise InputError(f"{where}: field 'client': unknown client {client!r} (clients: {known})")
+    grant_type = string("grant_type") or GrantType.AUTHORIZATION_CODE.value
+    if grant_type not in (GrantType.AUTHORIZATION_CODE, GrantType.CLIENT_CREDENTIALS):
+        raise InputError(f"{where}: field 'grant_type' must be authorization_code or "
+                         f"client_credentials, not {grant_type!r}")
+    access = string("access_token", required=True)
+    assert access is not None
+    refresh = string("refresh_token")
+    if grant_type == GrantType.CLIENT_CREDENTIALS and refresh is not None:
+        raise InputError(f"{where}: field 'refresh_token': client_credentials grants have none")
+    if grant_type == GrantType.AUTHORIZATION_CODE and refresh is None:
+        raise InputError(f"{where}: field 'refresh_token' is required for authorization_code")
+    obtained = moment("obtained_at") or now
+    if obtained > now + timedelta(minutes=5):
+        raise InputError(f"{where}: field 'obtained_at' is in the future")
+    expires_at = moment("access_expires_at")
+    expires_in = rec.get("expires_in")
+    if expires_at is None and expires_in is None:
+        raise InputError(f"{where}: field 'expires_in' or 'access_expires_at' is required")
+    if expires_at is not None and expires_in is not None:
+        raise InputError(f"{where}: give either 'expires_in' or 'access_expires_at', not both")
+    if expires_in is not None:
+        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) \
+                or not math.isfinite(expires_in) or not 0 < expires_in <= MAX_EXPIRES_IN:
+            raise InputError(f"{where}: field 'expires_in' must be a positive number of "
+                             f"seconds (at most {MAX_EXPIRES_IN})")
+        expires_at = obtained + timedelta(seconds=expires_in)
+    assert expires_at is not None
+    refresh_expires = moment("refresh_expires_at")
+    if refresh is not None and refresh_expires is None:
+        refresh_expires = config.provider.refresh_token_ttl.after(obtained)
+    if refresh_expires is not None and refresh is None:
+        raise InputError(f"{where}: field 'refresh_expires_at' without a refresh_token")
+    user = string("user_id", ids=True)
+    if grant_type == GrantType.CLIENT_CREDENTIALS and user is not None:
+        raise InputError(f"{where}: field 'user_id': client_credentials grants have no user")
+    return NewGrant(
+        client=client, grant_type=grant_type, access_token=access, access_expires_at=expires_at,
+        obtained_at=obtained, refresh_token=refresh, refresh_expires_at=refresh_expires,
+        user_id=user, tenant_id=string("tenant_id", ids=True),
+        consented_at=moment("consented_at") or obtained,
+    )

@@ -1,0 +1,293 @@
+"""The maintenance pass: claim due grants under a lease, refresh them, save each result.
+
+The pass is the I/O shell around :mod:`tokend.policy`. Its order of events is what keeps
+grants alive:
+
+1. claim a small batch and COMMIT the lease (the refresh is now "in flight");
+2. call the provider, bounded by ``schedule.concurrency`` and ``provider.rate_limit``;
+3. save the outcome, new refresh token first and alone in its short transaction; if the
+   database is down at that moment the rotated token is held in memory and the save is
+   retried until it succeeds: a rotated refresh token is never dropped.
+
+Each grant is handled inside an error boundary: one grant's failure never ends a pass.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from . import logs, policy
+from .classify import TokenResponse
+from .config import ClientConfig, Config
+from .errors import ErrorKind, ProviderError, StoreError
+from .metrics import Metrics
+from .model import Grant, GrantType, Outcome, Status
+from .provider import ProviderClient
+from .ratelimit import RateLimiter
+from .store import Store
+
+log = logs.get("tokend.maintenance")
+
+
+@dataclass
+class PassResult:
+    claimed: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    skipped: int = 0  # claimed but given back (shutdown) or nothing to do over HTTP
+    failures: Counter[str] = field(default_factory=Counter)  # by kind
+    duration: float = 0.0
+    stopped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0
+
+
+def lease_for(config: Config) -> timedelta:
+    """Longer than any attempt can take: HTTP timeout (connect + read), a wait for the
+    rate limiter, and the saving, with a wide margin."""
+    return max(timedelta(minutes=2), config.provider.timeout * 6)
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Maintenance:
+    def __init__(self, config: Config, store: Store, provider: ProviderClient, *,
+                 metrics: Metrics | None = None, owner: str | None = None,
+                 rand: Callable[[], float] = random.random,
+                 save_retry: float = 1.0) -> None:
+        self.config = config
+        self.store = store
+        self.provider = provider
+        self.metrics = metrics or Metrics()
+        self.owner = owner or owner_id()
+        self.rand = rand
+        self.save_retry = save_retry
+        self.stop_event = threading.Event()
+        self.limiter = RateLimiter(config.provider.rate_limit)
+        self.lease = lease_for(config)
+        self.pool = ThreadPoolExecutor(config.schedule.concurrency,
+                                       thread_name_prefix="tokend-refresh")
+        self.pass_running = threading.Event()
+        self.pass_started: float | None = None
+
+    def stop(self) -> None:
+        """Stop claiming; attempts in flight finish and are saved."""
+        self.stop_event.set()
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.pool.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ the pass
+
+    def run_pass(self) -> PassResult:
+        started = time.monotonic()
+        self.pass_started = started
+        self.pass_running.set()
+        result = PassResult()
+        try:
+            cc = [c.name for c in self.config.clients.values() if c.client_credentials]
+            self.store.ensure_client_credentials(cc)
+            self._drain(result)
+        finally:
+            result.duration = time.monotonic() - started
+            result.stopped = self.stop_event.is_set()
+            self.pass_running.clear()
+        return result
+
+    def _drain(self, result: PassResult) -> None:
+        concurrency = self.config.schedule.concurrency
+        batch = min(self.config.schedule.batch_size, concurrency * 2)
+        pending: set[Future[str]] = set()
+        exhausted = False
+        try:
+            while True:
+                # Claim only what the workers can start soon, so leases stay short.
+                if not exhausted and not self.stop_event.is_set() and len(pending) < concurrency:
+                    claims = self.store.claim_due(self.owner, batch, self.lease)
+                    result.claimed += len(claims)
+                    exhausted = not claims
+                    for grant in claims:
+                        pending.add(self.pool.submit(self._guarded, grant))
+                if not pending:
+                    break
+                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    outcome = fut.result()
+                    if outcome == "ok":
+                        result.refreshed += 1
+                    elif outcome in ("skipped", "released"):
+                        result.skipped += 1
+                    else:
+                        result.failed += 1
+                        result.failures[outcome] += 1
+        finally:
+            # A claim error (database down) ends the pass, but what is in flight is
+            # finished and saved first.
+            for fut in pending:
+                outcome = fut.result()
+                if outcome == "ok":
+                    result.refreshed += 1
+                elif outcome not in ("skipped", "released"):
+                    result.failed += 1
+                    result.failures[outcome] += 1
+
+    def _guarded(self, grant: Grant) -> str:
+        try:
+            return self.attempt(grant)
+        except Exception as exc:  # the error boundary: log, count, go on
+            log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
+                      error=type(exc).__name__, detail=str(exc)[:200])
+            return "internal"
+
+    # ------------------------------------------------------------------ one grant
+
+    def attempt(self, grant: Grant) -> str:
+        """Handle one claimed grant; returns "ok", "skipped", "released" or an error kind."""
+        s = self.config.schedule
+        now = self.store.clock()
+        client = self.config.clients.get(grant.client)
+        if client is None:
+            err = ProviderError(ErrorKind.CLIENT, "unknown_client",
+                                description=f"client {grant.client!r} is not configured")
+            return self._failed(grant, err, now, None)
+        is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
+        if not is_cc:
+            status, reason = policy.lifecycle(grant, now, s)
+            if status == Status.RECONSENT_REQUIRED or not policy.needs_refresh(grant, now, s):
+                # Due for a status change only (e.g. entering the re-consent window).
+                outcome = Outcome(status=status, reason=reason,
+                                  next_attempt_at=policy.next_attempt(
+                                      replace(grant, status=status, reason=reason), now, s),
+                                  failure_count=grant.failure_count,
+                                  last_error=grant.last_error, in_doubt=grant.in_doubt)
+                self._save(grant, outcome)
+                return "skipped"
+        _access, refresh = self.store.tokens(grant)
+        if not is_cc and refresh is None:
+            outcome = Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
+                              next_attempt_at=None, failure_count=grant.failure_count,
+                              last_error="no refresh token stored", in_doubt=False)
+            self._save(grant, outcome)
+            return "permanent"
+        if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
+            self._release(grant)
+            return "released"
+        t0 = time.monotonic()
+        try:
+            if is_cc:
+                resp = self.provider.client_credentials(client)
+            else:
+                assert refresh is not None
+                resp = self.provider.refresh(client, refresh)
+        except ProviderError as err:
+            self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
+            return self._failed(grant, err, self.store.clock(), client)
+        self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
+        return self._succeeded(grant, resp, refresh)
+
+    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
+        now = self.store.clock()
+        outcome = policy.after_success(grant, resp, now, self.config.schedule,
+                                       self.config.provider.refresh_token_ttl,
+                                       previous_refresh=old_refresh)
+        saved = self._save(grant, outcome, must=True)
+        log.info("refreshed", grant_id=grant.id, client=grant.client,
+                 grant_type=grant.grant_type, outcome="ok", status=outcome.status.value,
+                 rotated=outcome.refresh_token is not None,
+                 access_expires_at=_iso(outcome.access_expires_at),
+                 next_due=_iso(outcome.next_attempt_at),
+                 duration_ms=round((now - resp.sent_at).total_seconds() * 1000, 1),
+                 saved=saved)
+        return "ok"
+
+    def _failed(self, grant: Grant, err: ProviderError, now: datetime,
+                client: ClientConfig | None) -> str:
+        outcome = policy.after_failure(grant, err, now, self.config.schedule, rand=self.rand())
+        kind = err.kind.value
+        self.metrics.failure(grant.client, grant.grant_type, kind, err.error)
+        level = "warning" if err.kind is ErrorKind.TRANSIENT else "error"
+        getattr(log, level)(
+            "refresh_failed", grant_id=grant.id, client=grant.client,
+            grant_type=grant.grant_type, outcome="failed", kind=kind, error=err.error,
+            http_status=err.status, hint=err.hint, status=outcome.status.value,
+            reason=outcome.reason, failures=outcome.failure_count,
+            in_doubt=outcome.in_doubt, next_due=_iso(outcome.next_attempt_at))
+        if err.kind is ErrorKind.CLIENT and client is not None:
+            log.error("client_authentication_failed", client=grant.client,
+                      detail="the client's id/secret or auth_method is wrong; grants are NOT "
+                             "flagged for re-consent, attempts continue slowly")
+        self._save(grant, outcome)
+        return kind
+
+    # ------------------------------------------------------------------ saving
+
+    def _save(self, grant: Grant, outcome: Outcome, *, must: bool = False) -> bool:
+        """Save, retrying while the database is unreachable.
+
+        ``must``: the outcome holds a rotated refresh token that exists nowhere else;
+        it is retried until saved, even during shutdown. Other outcomes give up when
+        the daemon stops (the lease then expires and the grant is simply retried).
+        """
+        event = self._event(grant, outcome)
+        delay = self.save_retry
+        while True:
+            try:
+                saved = self.store.save(grant, outcome, self.owner, event)
+                if not saved:
+                    log.warning("save_discarded", grant_id=grant.id, client=grant.client,
+                                detail="grant was re-consented or deleted during the attempt")
+                return saved
+            except StoreError as exc:
+                if not must and self.stop_event.is_set():
+                    log.error("save_abandoned", grant_id=grant.id, error=str(exc))
+                    return False
+                log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
+                          error=str(exc), holding_rotated_token=must, retry_in=delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _release(self, grant: Grant) -> None:
+        try:
+            self.store.release(grant, self.owner, grant.next_attempt_at)
+        except StoreError as exc:  # the lease expires by itself
+            log.warning("release_failed", grant_id=grant.id, error=str(exc))
+
+    def _event(self, grant: Grant, outcome: Outcome) -> dict[str, Any] | None:
+        name = policy.event_for(grant.status, outcome.status)
+        if name is None:
+            return None
+        log.warning("status_changed", grant_id=grant.id, client=grant.client,
+                    old=grant.status.value, new=outcome.status.value, reason=outcome.reason)
+        return event_payload(name, grant, outcome.status, outcome.reason,
+                             outcome.refresh_expires_at or grant.refresh_expires_at,
+                             self.store.clock())
+
+
+def event_payload(name: str, grant: Grant, status: Status, reason: str | None,
+                  refresh_expires_at: datetime | None, now: datetime) -> dict[str, Any]:
+    return {
+        "event": name, "grant_id": grant.id, "client": grant.client,
+        "user_id": grant.user_id, "tenant_id": grant.tenant_id, "status": status.value,
+        "reason": reason, "refresh_expires_at": _iso(refresh_expires_at),
+        "timestamp": _iso(now),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None

@@ -1,0 +1,191 @@
+"""Decisions as pure functions of (grant, now, settings): no I/O, no clock of their own.
+
+The engine asks: is this grant due, and when next? What status does it have now? What
+follows from this response or this error? Each answer is computed here, so each is
+tested with tables of cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from .classify import TokenResponse
+from .config import ScheduleConfig
+from .durations import Duration
+from .errors import ErrorKind, ProviderError
+from .model import ACTIVE, Grant, GrantType, Outcome, Reason, Status
+
+JITTER = 0.10  # each grant refreshes a fixed 0-10 % earlier, so bulk imports spread out
+PERMANENT_REASONS = ("invalid_request", "invalid_grant", "unauthorized_client", "invalid_scope")
+
+
+def jitter_fraction(grant_id: int) -> float:
+    """A fixed pseudo-random fraction in [0, JITTER) per grant (Knuth's multiplicative hash)."""
+    return ((grant_id * 2654435761) % 2**32) / 2**32 * JITTER
+
+
+def refresh_at(grant: Grant, refresh_before: timedelta) -> datetime | None:
+    """When the access token should be renewed; None = it has none, renew now."""
+    if grant.access_expires_at is None:
+        return None
+    lead = refresh_before
+    if grant.obtained_at is not None:
+        # Never aim earlier than half the token's life: a lifetime shorter than
+        # refresh_before would otherwise mean a refresh on every pass.
+        lifetime = grant.access_expires_at - grant.obtained_at
+        lead = min(lead, max(lifetime / 2, timedelta(0)))
+    return grant.access_expires_at - lead * (1 + jitter_fraction(grant.id))
+
+
+def lifecycle(grant: Grant, now: datetime, s: ScheduleConfig) -> tuple[Status, str | None]:
+    """The status a maintained grant has at ``now`` judged by its dates alone.
+
+    A status set by an error (reconsent_required with an OAuth reason) or by an operator
+    (disabled) is not a matter of dates and is kept.
+    """
+    if grant.status not in ACTIVE or grant.grant_type == GrantType.CLIENT_CREDENTIALS:
+        return grant.status, grant.reason
+    if grant.refresh_expires_at is not None:
+        if now >= grant.refresh_expires_at:
+            return Status.RECONSENT_REQUIRED, Reason.REFRESH_TOKEN_EXPIRED.value
+        if now >= s.reconsent_before.before(grant.refresh_expires_at):
+            return Status.RECONSENT_DUE, Reason.REFRESH_TOKEN_EXPIRING.value
+    if s.max_grant_age is not None and grant.consented_at is not None \
+            and now >= s.max_grant_age.after(grant.consented_at):
+        return Status.RECONSENT_DUE, Reason.MAX_AGE.value
+    return Status.OK, None
+
+
+def next_attempt(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | None:
+    """The next moment the daemon has work on this grant (None: never on its own)."""
+    if grant.status not in ACTIVE:
+        return None
+    moments = [refresh_at(grant, s.refresh_before) or now]
+    if grant.grant_type != GrantType.CLIENT_CREDENTIALS:
+        if grant.refresh_expires_at is not None:
+            moments.append(grant.refresh_expires_at)
+            if grant.status == Status.OK:
+                moments.append(s.reconsent_before.before(grant.refresh_expires_at))
+        if s.max_grant_age is not None and grant.consented_at is not None \
+                and grant.status == Status.OK:
+            moments.append(s.max_grant_age.after(grant.consented_at))
+    return min(moments)
+
+
+def needs_refresh(grant: Grant, now: datetime, s: ScheduleConfig) -> bool:
+    at = refresh_at(grant, s.refresh_before)
+    return at is None or at <= now
+
+
+def backoff(failures: int, s: ScheduleConfig, *, retry_after: float | None = None,
+            rand: float = 1.0, kind: ErrorKind = ErrorKind.TRANSIENT) -> timedelta:
+    """Delay before the next attempt after ``failures`` consecutive failures.
+
+    Exponential from ``interval``, capped at ``retry_max``, with equal jitter (``rand``
+    in [0, 1]: half the delay is fixed, half random). A client fault retries slowly at
+    ``retry_max``. ``Retry-After`` is a floor, never shortened.
+    """
+    if kind is ErrorKind.CLIENT:
+        base = s.retry_max
+    else:
+        exponent = min(max(failures - 1, 0), 32)
+        base = min(s.interval * (2**exponent), s.retry_max)
+    delay = base * (0.5 + 0.5 * min(max(rand, 0.0), 1.0))
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, timedelta(seconds=retry_after))
+    return delay
+
+
+def after_success(grant: Grant, resp: TokenResponse, now: datetime, s: ScheduleConfig,
+                  refresh_ttl: Duration, *, previous_refresh: str | None) -> Outcome:
+    """The grant after a successful token response.
+
+    A NEW refresh token gets a fresh expiry counted from when the request was sent; the
+    same (or no) refresh token keeps the stored expiry.
+    """
+    new_refresh = resp.refresh_token
+    refresh_expires = grant.refresh_expires_at
+    if grant.grant_type == GrantType.CLIENT_CREDENTIALS:
+        new_refresh, refresh_expires = None, None
+    elif new_refresh is not None and new_refresh != previous_refresh:
+        refresh_expires = refresh_ttl.after(resp.sent_at)
+    else:
+        new_refresh = None  # nothing new to store: keep the token and its expiry
+    updated = replace(
+        grant,
+        access_expires_at=resp.access_expires_at,
+        refresh_expires_at=refresh_expires,
+        obtained_at=resp.sent_at,
+        failure_count=0,
+        in_doubt=False,
+        status=Status.OK if grant.status in ACTIVE else grant.status,
+        reason=None if grant.status in ACTIVE else grant.reason,
+    )
+    status, reason = lifecycle(updated, now, s)
+    updated = replace(updated, status=status, reason=reason)
+    return Outcome(
+        status=status,
+        reason=reason,
+        next_attempt_at=next_attempt(updated, now, s),
+        failure_count=0,
+        last_error=None,
+        in_doubt=False,
+        access_token=resp.access_token,
+        refresh_token=new_refresh,
+        access_expires_at=resp.access_expires_at,
+        refresh_expires_at=refresh_expires,
+        obtained_at=resp.sent_at,
+    )
+
+
+def after_failure(grant: Grant, err: ProviderError, now: datetime, s: ScheduleConfig,
+                  rand: float = 1.0) -> Outcome:
+    """The grant after a failed attempt; only a permanent error ends a user grant."""
+    failures = grant.failure_count + 1
+    in_doubt = grant.in_doubt or err.maybe_applied
+    user_grant = grant.grant_type != GrantType.CLIENT_CREDENTIALS
+    if err.kind is ErrorKind.PERMANENT and user_grant:
+        reason: str | None
+        if grant.in_doubt:
+            reason = Reason.ROTATION_LOST.value
+        elif grant.refresh_expires_at is not None and now >= grant.refresh_expires_at:
+            reason = Reason.REFRESH_TOKEN_EXPIRED.value
+        else:
+            reason = err.error if err.error in PERMANENT_REASONS else "invalid_grant"
+        return Outcome(status=Status.RECONSENT_REQUIRED, reason=reason, next_attempt_at=None,
+                       failure_count=failures, last_error=err.summary(), in_doubt=False)
+    kind = err.kind if err.kind is not ErrorKind.PERMANENT else ErrorKind.CLIENT
+    delay = backoff(failures, s, retry_after=err.retry_after, rand=rand, kind=kind)
+    status, current = lifecycle(grant, now, s)
+    next_at: datetime | None = now + delay
+    if status == Status.RECONSENT_REQUIRED:
+        next_at = None
+    return Outcome(status=status, reason=current, next_attempt_at=next_at,
+                   failure_count=failures, last_error=err.summary(), in_doubt=in_doubt)
+
+
+def event_for(old: Status, new: Status) -> str | None:
+    """The notification a status change sends, if any."""
+    if old == new:
+        return None
+    if new in (Status.RECONSENT_DUE, Status.RECONSENT_REQUIRED):
+        return new.value
+    if new == Status.OK and old in (Status.RECONSENT_DUE, Status.RECONSENT_REQUIRED):
+        return "recovered"
+    return None
+
+
+def initial(grant: Grant, now: datetime, s: ScheduleConfig) -> tuple[Status, str | None,
+                                                                     datetime | None]:
+    """Status and next attempt of a grant just imported or consented."""
+    status, reason = lifecycle(replace(grant, status=Status.OK, reason=None), now, s)
+    placed = replace(grant, status=status, reason=reason)
+    return status, reason, next_attempt(placed, now, s)
+
+
+def on_enable(grant: Grant, now: datetime, s: ScheduleConfig) -> tuple[Status, str | None,
+                                                                       datetime | None]:
+    """An operator resumes a grant: judged by its dates, and looked at on the next pass."""
+    status, reason = lifecycle(replace(grant, status=Status.OK, reason=None), now, s)
+    return status, reason, (None if status == Status.RECONSENT_REQUIRED else now)

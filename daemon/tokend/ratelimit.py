@@ -1,0 +1,86 @@
+"""A per-process limit on how many requests per second start towards the provider.
+
+The promise is strict: in ANY 1-second window at most ``rate`` requests start (a
+provider that counts per IP does not average). It is kept by spacing starts at least
+``interval`` apart, where ``interval = (max(1, n / rate) + guard) / n`` with
+``n = max(1, floor(rate))``:
+
+* k starts inside a 1-second window span at most 1 s, so ``(k - 1) * interval <= 1``,
+  hence ``k <= 1 + n / (1 + guard) < n + 1``: never more than ``floor(rate)``.
+* Throughput is ``n / (max(1, n / rate) + guard)``: ``rate`` for whole rates (minus the
+  guard), ``floor(rate)`` for fractional rates above 1 (no schedule can average more
+  while holding every 1-second window to ``floor(rate)``), and ``rate`` below 1.
+
+Even spacing rather than bursts of ``n``, plus a small ``guard``, because the window
+that matters is the one the provider sees: requests leave a few milliseconds after the
+slot is granted (thread scheduling, connection setup), and a burst that leaves late
+next to one that leaves on time would put ``2 n`` starts into one second at the other
+end. With even spacing, ``guard`` seconds of such jitter are absorbed.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+DEFAULT_GUARD = 0.02
+
+
+class RateLimiter:
+    """Thread-safe start limiter; ``rate`` 0 means unlimited."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        guard: float = DEFAULT_GUARD,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        if not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"rate must be a finite number >= 0, not {rate!r}")
+        if not math.isfinite(guard) or guard < 0:
+            raise ValueError(f"guard must be a finite number >= 0, not {guard!r}")
+        self.rate = float(rate)
+        self._monotonic = monotonic
+        # An injected sleep (tests) cannot be interrupted; the real one waits on the
+        # stop event so that shutdown does not sit out a long interval.
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._last: float | None = None
+        if rate == 0:
+            self.interval = 0.0
+        else:
+            n = max(1, math.floor(rate))
+            self.interval = (max(1.0, n / rate) + guard) / n
+
+    @property
+    def unlimited(self) -> bool:
+        return self.interval == 0.0
+
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        """Block until a request may start; False if ``stop`` is (or gets) set first."""
+        while True:
+            if stop is not None and stop.is_set():
+                return False
+            if self.unlimited:
+                return True
+            with self._lock:
+                # Read the clock under the lock: the recorded start must be the moment
+                # the slot was granted, and slots must be granted in clock order.
+                now = self._monotonic()
+                if self._last is None or now - self._last >= self.interval:
+                    self._last = now
+                    return True
+                delay = self._last + self.interval - now
+            self._wait(delay, stop)
+
+    def _wait(self, delay: float, stop: threading.Event | None) -> None:
+        if self._sleep is not None:
+            self._sleep(delay)
+        elif stop is not None:
+            stop.wait(delay)
+        else:
+            time.sleep(delay)

@@ -1,0 +1,587 @@
+"""The grant store: every SQL statement tokend runs, on SQLite or PostgreSQL.
+
+Transactions are short and explicit. On SQLite every writing transaction is
+``BEGIN IMMEDIATE`` so two claimers serialise instead of failing on upgrade; on
+PostgreSQL claims use ``FOR UPDATE SKIP LOCKED`` so replicas never wait for each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from .config import Config
+from .crypto import Cipher, cipher_for
+from .errors import GrantNotFound, StoreError
+from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status
+from .schema import EventRow, GrantRow
+
+G = cast(Table, GrantRow.__table__)
+E = cast(Table, EventRow.__table__)
+Clock = Callable[[], datetime]
+Decide = Callable[[Grant], tuple[Status, str | None, datetime | None]]
+
+_GRANT_COLUMNS = [c for c in G.c if c.name not in ("access_token", "refresh_token")]
+_INSERT_CHUNK = 2000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine configured for tokend's access pattern on either backend."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            _create_private_file(Path(path))
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" below decide how each transaction starts.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
+                         pool_recycle=1800, connect_args={"connect_timeout": 10})
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would honour the umask)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "tokend:migrations")
+    return cfg
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Aggregates of the table for the gauges (computed by SQL, never by loading rows)."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (client, status) -> n
+    access_earliest: dict[str, datetime] = field(default_factory=dict)
+    refresh_earliest: dict[str, datetime] = field(default_factory=dict)
+    due: dict[str, int] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, engine: Engine, cipher: Cipher, *, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.cipher = cipher
+        self.clock = clock
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextmanager
+    def tx(self, *, readonly: bool = False) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as raw:
+                conn = raw.execution_options(readonly=True) if readonly else raw
+                with conn.begin():
+                    yield conn
+        except IntegrityError:
+            raise
+        except OperationalError as exc:
+            raise StoreError(f"database error: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head(self) -> str | None:
+        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Apply pending migrations; returns (revision before, revision after)."""
+        before = self.revision()
+        cfg = _alembic_config()
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {_short(exc)}") from exc
+        return before, self.revision()
+
+    def check_schema(self, *, auto_upgrade: bool) -> None:
+        """Make sure the schema is current; an empty SQLite database is set up."""
+        try:
+            current = self.revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
+        if current == self.head():
+            return
+        if auto_upgrade or (current is None and self.dialect == "sqlite"):
+            self.upgrade()
+            return
+        raise StoreError(
+            f"database schema is at {current or 'nothing'}, expected {self.head()}: "
+            "run `tokend db upgrade`"
+        )
+
+    # ------------------------------------------------------------------ reading
+
+    def _grant(self, row: Any, *, with_tokens: bool = False) -> Grant:
+        m = row._mapping
+        return Grant(
+            id=m["id"], client=m["client"], grant_type=m["grant_type"], user_id=m["user_id"],
+            tenant_id=m["tenant_id"], status=Status(m["status"]), reason=m["reason"],
+            access_expires_at=m["access_expires_at"], refresh_expires_at=m["refresh_expires_at"],
+            obtained_at=m["obtained_at"], consented_at=m["consented_at"],
+            failure_count=m["failure_count"], last_error=m["last_error"],
+            next_attempt_at=m["next_attempt_at"], in_doubt=bool(m["in_doubt"]),
+            token_version=m["token_version"], has_refresh_token=bool(m["has_refresh"]),
+            created_at=m["created_at"], updated_at=m["updated_at"],
+            lease_owner=m["lease_owner"], lease_expires_at=m["lease_expires_at"],
+            access_token_enc=m["access_token"] if with_tokens else None,
+            refresh_token_enc=m["refresh_token"] if with_tokens else None,
+        )
+
+    def _select(self, *, with_tokens: bool = False) -> Any:
+        cols: list[Any] = [*_GRANT_COLUMNS, G.c.refresh_token.isnot(None).label("has_refresh")]
+        if with_tokens:
+            cols += [G.c.access_token, G.c.refresh_token]
+        return select(*cols)
+
+    def get(self, grant_id: int, *, with_tokens: bool = False) -> Grant:
+        with self.tx(readonly=True) as conn:
+            row = conn.execute(
+                self._select(with_tokens=with_tokens).where(G.c.id == grant_id)
+            ).first()
+        if row is None:
+            raise GrantNotFound(grant_id)
+        return self._grant(row, with_tokens=with_tokens)
+
+    def iter_grants(self, *, status: str | None = None, client: str | None = None,
+                    user_id: str | None = None, page: int = 1000) -> Iterator[Grant]:
+        """All matching grants by id, a page at a time (flat memory)."""
+        last = 0
+        while True:
+            q = self._select().where(G.c.id > last)
+            if status:
+                q = q.where(G.c.status == status)
+            if client:
+                q = q.where(G.c.client == client)
+            if user_id is not None:
+                q = q.where(G.c.user_id == user_id)
+            with self.tx(readonly=True) as conn:
+                rows = conn.execute(q.order_by(G.c.id).limit(page)).all()
+            if not rows:
+                return
+            for row in rows:
+                yield self._grant(row)
+            last = rows[-1]._mapping["id"]
+
+    def tokens(self, grant: Grant) -> tuple[str | None, str | None]:
+        """The grant's tokens in clear (the grant must have been read ``with_tokens``)."""
+        access = grant.access_token_enc
+        refresh = grant.refresh_token_enc
+        return (
+            self.cipher.decrypt(access, grant_id=grant.id) if access else None,
+            self.cipher.decrypt(refresh, grant_id=grant.id) if refresh else None,
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def _allocate_ids(self, conn: Connection, n: int) -> list[int]:
+        """Ids before insert, so per-grant jitter can be computed for new rows."""
+        if self.dialect == "postgresql":
+            rows = conn.execute(
+                text("SELECT nextval(pg_get_serial_sequence('grants', 'id')) "
+                     "FROM generate_series(1, :n)"), {"n": n}
+            ).scalars().all()
+            return [int(r) for r in rows]
+        # SQLite: the IMMEDIATE transaction holds the write lock, so max(id) is stable.
+        start = conn.execute(select(func.coalesce(func.max(G.c.id), 0))).scalar_one()
+        return list(range(start + 1, start + 1 + n))
+
+    def _new_row(self, gid: int, new: NewGrant, now: datetime, decide: Decide) -> dict[str, Any]:
+        grant = Grant(
+            id=gid, client=new.client, grant_type=new.grant_type, user_id=new.user_id,
+            tenant_id=new.tenant_id, status=Status.OK, reason=None,
+            access_expires_at=new.access_expires_at, refresh_expires_at=new.refresh_expires_at,
+            obtained_at=new.obtained_at, consented_at=new.consented_at or new.obtained_at,
+            failure_count=0, last_error=None, next_attempt_at=None, in_doubt=False,
+            token_version=0, has_refresh_token=new.refresh_token is not None,
+            created_at=now, updated_at=now,
+        )
+        status, reason, next_at = decide(grant)
+        return {
+            "id": gid, "client": new.client, "grant_type": new.grant_type,
+            "user_id": new.user_id, "tenant_id": new.tenant_id,
+            "access_token": self.cipher.encrypt(new.access_token),
+            "access_expires_at": new.access_expires_at,
+            "refresh_token": self.cipher.encrypt(new.refresh_token)
+            if new.refresh_token is not None else None,
+            "refresh_expires_at": new.refresh_expires_at,
+            "obtained_at": new.obtained_at, "consented_at": grant.consented_at,
+            "status": status.value, "reason": reason, "failure_count": 0, "last_error": None,
+            "next_attempt_at": next_at, "lease_owner": None, "lease_expires_at": None,
+            "in_doubt": False, "token_version": 0, "created_at": now, "updated_at": now,
+        }
+
+    def insert_grants(self, grants: Sequence[NewGrant], decide: Decide) -> list[int]:
+        """Insert all grants in ONE transaction (all or nothing)."""
+        now = self.clock()
+        with self.tx() as conn:
+            ids = self._allocate_ids(conn, len(grants))
+            for start in range(0, len(grants), _INSERT_CHUNK):
+                chunk = grants[start:start + _INSERT_CHUNK]
+                rows = [self._new_row(ids[start + i], g, now, decide) for i, g in enumerate(chunk)]
+                conn.execute(insert(G), rows)
+        return ids
+
+    def consent(self, new: NewGrant, decide: Decide,
+                event: Callable[[Grant, Status | None], dict[str, Any] | None] | None = None,
+                ) -> tuple[int, Status | None]:
+        """Store a freshly consented grant, replacing the same user's grant of that client.
+
+        Returns the grant id and the status the replaced grant had (None if new). A
+        daemon holding a lease on the old row loses its save guard (token_version moves).
+        """
+        now = self.clock()
+        with self.tx() as conn:
+            old = None
+            if new.user_id is not None:
+                old = conn.execute(
+                    select(G.c.id, G.c.status).where(
+                        G.c.client == new.client, G.c.user_id == new.user_id,
+                        G.c.grant_type == GrantType.AUTHORIZATION_CODE.value,
+                    ).order_by(G.c.id.desc()).limit(1)
+                ).first()
+            if old is None:
+                gid, previous = self._allocate_ids(conn, 1)[0], None
+                conn.execute(insert(G), [self._new_row(gid, new, now, decide)])
+            else:
+                gid, previous = old[0], Status(old[1])
+                row = self._new_row(gid, new, now, decide)
+                for key in ("id", "created_at"):
+                    row.pop(key)
+                row["token_version"] = G.c.token_version + 1
+                conn.execute(update(G).where(G.c.id == gid).values(**row))
+            if event is not None:
+                stored = conn.execute(self._select().where(G.c.id == gid)).one()
+                payload = event(self._grant(stored), previous)
+                if payload is not None:
+                    self._add_event(conn, payload, gid, now)
+            return gid, previous
+
+    def set_status(self, grant_id: int, status: Status, reason: str | None,
+                   next_attempt_at: datetime | None) -> Grant:
+        with self.tx() as conn:
+            result = conn.execute(
+                update(G).where(G.c.id == grant_id).values(
+                    status=status.value, reason=reason, next_attempt_at=next_attempt_at,
+                    failure_count=0, updated_at=self.clock(),
+                )
+            )
+            if result.rowcount == 0:
+                raise GrantNotFound(grant_id)
+        return self.get(grant_id)
+
+    def delete(self, grant_id: int) -> None:
+        with self.tx() as conn:
+            if conn.execute(delete(G).where(G.c.id == grant_id)).rowcount == 0:
+                raise GrantNotFound(grant_id)
+
+    # ------------------------------------------------------------------ the engine's
+
+    def ensure_client_credentials(self, clients: Sequence[str]) -> list[str]:
+        """Create an empty, immediately due row for each client-credentials client."""
+        if not clients:
+            return []
+        now = self.clock()
+        created = []
+        with self.tx(readonly=True) as conn:
+            have = set(conn.execute(
+                select(G.c.client).where(G.c.grant_type == GrantType.CLIENT_CREDENTIALS.value,
+                                         G.c.client.in_(list(clients)))
+            ).scalars())
+        for name in clients:
+            if name in have:
+                continue
+            try:
+                with self.tx() as conn:
+                    conn.execute(insert(G).values(
+                        client=name, grant_type=GrantType.CLIENT_CREDENTIALS.value,
+                        status=Status.OK.value, failure_count=0, next_attempt_at=now,
+                        in_doubt=False, token_version=0, created_at=now, updated_at=now,
+                    ))
+                created.append(name)
+            except IntegrityError:
+                pass  # another replica created it first: the unique index says so
+        return created
+
+    def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
+        """Lease up to ``limit`` due grants to ``owner`` and commit the lease.
+
+        The lease expiry becomes the grant's next_attempt_at, so nobody else sees it as
+        due until the lease runs out. A grant still leased to someone whose lease expired
+        had an attempt in flight: it is marked in doubt (the token may have rotated).
+        """
+        now = self.clock()
+        until = now + lease
+        q = (self._select(with_tokens=True)
+             .where(G.c.next_attempt_at <= now)
+             .order_by(G.c.next_attempt_at)
+             .limit(limit))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.tx() as conn:
+            rows = conn.execute(q).all()
+            if not rows:
+                return []
+            grants = [self._grant(r, with_tokens=True) for r in rows]
+            ids = [g.id for g in grants]
+            conn.execute(
+                update(G).where(G.c.id.in_(ids)).values(
+                    in_doubt=or_(G.c.in_doubt, G.c.lease_owner.isnot(None)),
+                    lease_owner=owner, lease_expires_at=until, next_attempt_at=until,
+                )
+            )
+        return [
+            _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
+                           lease_owner=owner, lease_expires_at=until)
+            for g in grants
+        ]
+
+    def save(self, grant: Grant, outcome: Outcome, owner: str,
+             event: dict[str, Any] | None = None) -> bool:
+        """Write one attempt's outcome (and its notification) in one short transaction.
+
+        Guarded by the lease, or by the token version when the lease was lost but nobody
+        has written tokens since we claimed (then ours are still the newest). Returns
+        False if the guard failed (the grant was re-consented or deleted meanwhile).
+        """
+        now = self.clock()
+        values: dict[str, Any] = {
+            "status": outcome.status.value, "reason": outcome.reason,
+            "next_attempt_at": outcome.next_attempt_at, "failure_count": outcome.failure_count,
+            "last_error": outcome.last_error, "in_doubt": outcome.in_doubt,
+            "lease_owner": None, "lease_expires_at": None, "updated_at": now,
+        }
+        if outcome.success:
+            assert outcome.access_token is not None
+            values.update(
+                access_token=self.cipher.encrypt(outcome.access_token),
+                access_expires_at=outcome.access_expires_at,
+                refresh_expires_at=outcome.refresh_expires_at,
+                obtained_at=outcome.obtained_at,
+                token_version=G.c.token_version + 1,
+            )
+            if outcome.refresh_token is not None:
+                values["refresh_token"] = self.cipher.encrypt(outcome.refresh_token)
+        guard = and_(G.c.id == grant.id, or_(G.c.lease_owner == owner,
+                                              G.c.token_version == grant.token_version))
+        with self.tx() as conn:
+            if conn.execute(update(G).where(guard).values(**values)).rowcount == 0:
+                return False
+            if event is not None:
+                self._add_event(conn, event, grant.id, now)
+        return True
+
+    def release(self, grant: Grant, owner: str, next_attempt_at: datetime | None) -> None:
+        """Give a claimed grant back untouched (shutdown before its attempt started)."""
+        with self.tx() as conn:
+            conn.execute(
+                update(G).where(G.c.id == grant.id, G.c.lease_owner == owner).values(
+                    lease_owner=None, lease_expires_at=None, next_attempt_at=next_attempt_at,
+                    in_doubt=grant.in_doubt,
+                )
+            )
+
+    # ------------------------------------------------------------------ events (outbox)
+
+    def _add_event(self, conn: Connection, payload: dict[str, Any], grant_id: int | None,
+                   now: datetime) -> str:
+        event_id = str(uuid.uuid4())
+        body = {"id": event_id, **payload}
+        conn.execute(insert(E).values(
+            id=event_id, event=payload["event"], grant_id=grant_id,
+            payload=json.dumps(body, sort_keys=True), created_at=now, attempts=0,
+            next_attempt_at=now,
+        ))
+        return event_id
+
+    def add_event(self, payload: dict[str, Any], grant_id: int | None) -> str:
+        with self.tx() as conn:
+            return self._add_event(conn, payload, grant_id, self.clock())
+
+    def due_events(self, limit: int = 100) -> list[tuple[str, str, str, int]]:
+        """(id, event, payload, attempts) of undelivered events whose time has come."""
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(
+                select(E.c.id, E.c.event, E.c.payload, E.c.attempts)
+                .where(E.c.next_attempt_at <= self.clock())
+                .order_by(E.c.next_attempt_at).limit(limit)
+            ).all()
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def event_delivered(self, event_id: str) -> None:
+        with self.tx() as conn:
+            conn.execute(update(E).where(E.c.id == event_id).values(
+                delivered_at=self.clock(), next_attempt_at=None, last_error=None,
+                attempts=E.c.attempts + 1))
+
+    def event_failed(self, event_id: str, error: str, retry_at: datetime) -> None:
+        with self.tx() as conn:
+            conn.execute(update(E).where(E.c.id == event_id).values(
+                next_attempt_at=retry_at, last_error=error[:500], attempts=E.c.attempts + 1))
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(select(E).order_by(E.c.created_at)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------------ aggregates
+
+    def stats(self, clients: Sequence[str] = ()) -> Stats:
+        now = self.clock()
+        active = [s.value for s in ACTIVE]
+        with self.tx(readonly=True) as conn:
+            counts = {
+                (c, s): n for c, s, n in conn.execute(
+                    select(G.c.client, G.c.status, func.count()).group_by(G.c.client, G.c.status)
+                ).all()
+            }
+            names = sorted({c for c, _ in counts} | set(clients))
+            access: dict[str, datetime] = {}
+            refresh: dict[str, datetime] = {}
+            for name in names:
+                # Walks the (client, expiry) index from its low end; the first active
+                # row ends the scan.
+                a = conn.execute(
+                    select(G.c.access_expires_at).where(
+                        G.c.client == name, G.c.status.in_(active),
+                        G.c.access_expires_at.isnot(None))
+                    .order_by(G.c.access_expires_at).limit(1)).scalar()
+                r = conn.execute(
+                    select(G.c.refresh_expires_at).where(
+                        G.c.client == name, G.c.status.in_(active),
+                        G.c.refresh_expires_at.isnot(None))
+                    .order_by(G.c.refresh_expires_at).limit(1)).scalar()
+                if a is not None:
+                    access[name] = a
+                if r is not None:
+                    refresh[name] = r
+            due: dict[str, int] = dict(conn.execute(
+                select(G.c.client, func.count()).where(G.c.next_attempt_at <= now)
+                .group_by(G.c.client)).all())
+        return Stats(counts=counts, access_earliest=access, refresh_earliest=refresh, due=due)
+
+    def due_query_plan(self, now: datetime) -> str:
+        """The backend's plan for the claim query's shape, for tests and ``bench/``."""
+        if self.dialect == "sqlite":
+            sql = ("EXPLAIN QUERY PLAN SELECT * FROM grants WHERE next_attempt_at <= :now "
+                   "ORDER BY next_attempt_at LIMIT 100")
+            bound = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        else:
+            sql = ("EXPLAIN SELECT * FROM grants WHERE next_attempt_at <= :now "
+                   "ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED")
+            bound = now  # type: ignore[assignment]
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(text(sql), {"now": bound}).all()
+        return "\n".join(" ".join(str(x) for x in r) for r in rows)
+
+    # ------------------------------------------------------------------ keys
+
+    def reencrypt(self, batch: int = 500) -> int:
+        """Re-encrypt every token not under the newest key, in batches; resumable."""
+        done = 0
+        last = 0
+        while True:
+            with self.tx() as conn:
+                rows = conn.execute(
+                    select(G.c.id, G.c.access_token, G.c.refresh_token)
+                    .where(G.c.id > last).order_by(G.c.id).limit(batch)).all()
+                if not rows:
+                    return done
+                for gid, access, refresh in rows:
+                    values = {}
+                    if access and self.cipher.needs_rotation(access):
+                        values["access_token"] = self.cipher.rotate(access, grant_id=gid)
+                    if refresh and self.cipher.needs_rotation(refresh):
+                        values["refresh_token"] = self.cipher.rotate(refresh, grant_id=gid)
+                    if values:
+                        conn.execute(update(G).where(G.c.id == gid).values(**values))
+                        done += 1
+                last = rows[-1][0]
+
+
+def _replace_grant(grant: Grant, **changes: Any) -> Grant:
+    return replace(grant, **changes)
+
+
+def _short(exc: BaseException) -> str:
+    """One line, no SQL parameters (they may hold tokens)."""
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    return text_[0][:300] if text_ else type(exc).__name__
+
+
+def open_store(config: Config, *, clock: Clock = utcnow, auto_upgrade: bool = False,
+               pool_size: int = 10) -> Store:
+    """The store of this configuration, its schema checked (empty SQLite: created)."""
+    cipher = cipher_for(config, create=config.database.is_sqlite)
+    store = Store(make_engine(config.database.url, pool_size=pool_size), cipher, clock=clock)
+    try:
+        store.check_schema(auto_upgrade=auto_upgrade)
+    except BaseException:
+        store.close()
+        raise
+    return store
