@@ -138,6 +138,7 @@ def store_for() -> Iterator[Callable[[Config], Store]]:
     opened: list[Store] = []
 
     def make(config: Config, **kwargs: Any) -> Store:
+        kwargs.setdefault("auto_upgrade", True)
         s = open_store(config, **kwargs)
         opened.append(s)
         return s

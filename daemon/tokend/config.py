@@ -39,9 +39,30 @@ class Secret:
         return bool(self.value)
 
 
+def mask_url(url: str) -> str:
+    """``url`` with a password (in the user info or a ``password=`` parameter) masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if password:
+        url = url.replace(f":{password}@", ":********@", 1)
+    if parts.query:
+        query = "&".join(
+            f"{k}=********" if k.lower() == "password" else f"{k}{sep}{v}"
+            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
+        )
+        url = url.replace("?" + parts.query, "?" + query, 1)
+    return url
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    url: str = "sqlite:///tokend.db"
+    url: str = field(default="sqlite:///tokend.db", repr=False)
+
+    def __repr__(self) -> str:
+        return f"DatabaseConfig(url={mask_url(self.url)!r})"
 
     @property
     def is_sqlite(self) -> bool:
@@ -189,8 +210,16 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         if any(not p for p in parts):
             raise ConfigError(f"environment variable {name}: empty name part")
+        if parts[0] != "clients":
+            if parts[0] not in _SECTIONS:
+                raise ConfigError(f"environment variable {name}: unknown section [{parts[0]}]")
+            if len(parts) != 2 or parts[1] not in _SECTIONS[parts[0]]:
+                raise ConfigError(f"environment variable {name}: "
+                                  f"{'.'.join(parts)}: unknown key")
         node = raw
-        for part in parts[:-1]:
+        for lowered in parts[:-1]:
+            # A client table may be spelled in any case in the file ([clients.Main]).
+            part = next((k for k in node if k.lower() == lowered), lowered)
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
                 raise ConfigError(f"environment variable {name}: {part} is not a table")
@@ -228,6 +257,10 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     max_age: Duration | None = None
     if max_age_text:
         max_age = r.parse("schedule", "max_grant_age", Duration.parse, max_age_text)
+        assert max_age is not None
+        if max_age.is_zero:
+            raise ConfigError("schedule.max_grant_age: must be longer than zero "
+                              "(leave it empty for no limit)")
     schedule = ScheduleConfig(
         interval=r.timedelta("schedule", "interval", s.interval, positive=True),
         refresh_before=r.timedelta("schedule", "refresh_before", s.refresh_before, positive=True),
@@ -264,7 +297,12 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     if key_name:
         key_path = r.locate(key_name)
         keys: tuple[Secret, ...] = ()
-        if key_path.exists():
+        try:
+            exists = key_path.exists()
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"encryption.key_file: {key_name!r} is not a usable path: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if exists:
             keys = read_keys(key_path)
         encryption = EncryptionConfig(key_file=key_path, keys=keys)
 
@@ -314,10 +352,12 @@ def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
             redirect_uri=redirect or None,
             client_credentials=r.boolean(section, "client_credentials", False, table=table),
         )
-    ids = [c.client_id for c in out.values()]
-    dupes = sorted({i for i in ids if ids.count(i) > 1})
-    if dupes:
-        raise ConfigError(f"clients: client_id {dupes[0]!r} is configured twice")
+    seen: dict[str, str] = {}
+    for name, c in out.items():
+        if c.client_id in seen:
+            raise ConfigError(f"clients.{name}.client_id: {c.client_id!r} is already the "
+                              f"client_id of clients.{seen[c.client_id]}")
+        seen[c.client_id] = name
     return out
 
 
@@ -347,12 +387,13 @@ class _Reader:
             raise ConfigError(f"{section}.{key}: {exc}") from None
 
     def string(self, section: str, key: str, default: str,
-               table: dict[str, Any] | None = None) -> str:
+               table: dict[str, Any] | None = None, *, secret: bool = False) -> str:
         value = self._get(section, key, table)
         if value is None:
             return default
         if isinstance(value, bool | int | float) and not isinstance(value, str):
-            raise ConfigError(f"{section}.{key}: must be a string, not {value!r}")
+            shown = "a number or boolean" if secret else repr(value)
+            raise ConfigError(f"{section}.{key}: must be a string, not {shown}")
         if not isinstance(value, str):
             raise ConfigError(f"{section}.{key}: must be a string")
         return value.strip()
@@ -362,8 +403,13 @@ class _Reader:
         value = self.string(section, key, default, table)
         if not value and allow_empty:
             return ""
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(value)
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            _ = parts.port  # ValueError if not a number in 0-65535
+        except ValueError:
+            ok = False
+        if not ok or any(ch.isspace() for ch in value):
             raise ConfigError(f"{section}.{key}: must be an http(s) URL, not {value!r}")
         return value
 
@@ -390,14 +436,18 @@ class _Reader:
         if isinstance(value, _EnvValue):
             try:
                 value = int(value) if integer else float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 kind = "a whole number" if integer else "a number"
                 raise ConfigError(f"{section}.{key}: must be {kind}, not {str(value)!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{section}.{key}: must be a number, not {value!r}")
         if integer and (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{section}.{key}: must be a whole number, not {value!r}")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
             raise ConfigError(f"{section}.{key}: must be a finite number")
         if minimum is not None and value < minimum:
             raise ConfigError(f"{section}.{key}: must be at least {minimum:g}, not {value}")
@@ -439,7 +489,7 @@ class _Reader:
 
     def secret(self, section: str, key: str, *,
                table: dict[str, Any] | None = None) -> Secret | None:
-        inline = self.string(section, key, "", table)
+        inline = self.string(section, key, "", table, secret=True)
         file_name = self.string(section, f"{key}_file", "", table)
         if inline and file_name:
             raise ConfigError(f"{section}.{key}: set either {key} or {key}_file, not both")
@@ -449,8 +499,9 @@ class _Reader:
                 text = path.read_text(encoding="utf-8").strip()
             except FileNotFoundError:
                 raise ConfigError(f"{section}.{key}_file: {path} does not exist") from None
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            except (OSError, UnicodeDecodeError, ValueError) as exc:
+                reason = getattr(exc, "strerror", None) or (
+                    "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc))
                 raise ConfigError(
                     f"{section}.{key}_file: {path} cannot be read: {reason}") from None
             if not text:
@@ -462,7 +513,7 @@ class _Reader:
 def read_keys(path: Path) -> tuple[Secret, ...]:
     try:
         lines = path.read_text(encoding="ascii").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         reason = getattr(exc, "strerror", None) or "not ASCII text"
         raise ConfigError(f"encryption.key_file: {path} cannot be read: {reason}") from None
     keys = tuple(Secret(line.strip()) for line in lines
@@ -513,10 +564,7 @@ def render(config: Config) -> str:
             return f"{value:g}" if isinstance(value, float) else str(value)
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    db = config.database.url
-    parts = urlsplit(db)
-    if parts.password:
-        db = db.replace(f":{parts.password}@", ":********@")
+    db = mask_url(config.database.url)
     p, s = config.provider, config.schedule
     lines = [
         f"# effective configuration (source: {config.source or 'built-in defaults'})",

@@ -32,6 +32,7 @@ class Cipher:
                     f"encryption.key_file: key {number} is not a Fernet key "
                     "(32 url-safe base64-encoded bytes; make one with `tokend keys generate`)"
                 ) from None
+        self.keys = keys
         self._newest = fernets[0]
         self._all = MultiFernet(fernets)
 

@@ -25,6 +25,7 @@ _ISO = re.compile(
     r"^P(?!$)(?:(?P<y>\d+)Y)?(?:(?P<mo>\d+)M)?(?:(?P<w>\d+)W)?(?:(?P<d>\d+)D)?"
     r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
 )
+MAX_MONTHS = 12 * 1000  # beyond this a date can no longer be represented anyway
 
 
 @dataclass(frozen=True, order=True)
@@ -38,21 +39,26 @@ class Duration:
         if not isinstance(text, str):
             raise ValueError(f"expected a duration string like '6h' or 'P1M', got {text!r}")
         raw = text.strip()
-        m = _SIMPLE.match(raw)
-        if m:
-            return cls(0, float(m.group(1)) * _UNITS[m.group(2)])
-        iso = _ISO.match(raw.upper())
-        if iso:
-            g = {k: v or "0" for k, v in iso.groupdict().items()}
-            months = int(g["y"]) * 12 + int(g["mo"])
-            delta = timedelta(
-                weeks=int(g["w"]),
-                days=int(g["d"]),
-                hours=int(g["h"]),
-                minutes=int(g["mi"]),
-                seconds=float(g["s"]),
-            )
-            return cls(months, delta)
+        try:
+            m = _SIMPLE.match(raw)
+            if m:
+                return cls(0, float(m.group(1)) * _UNITS[m.group(2)])
+            iso = _ISO.match(raw.upper())
+            if iso:
+                g = {k: v or "0" for k, v in iso.groupdict().items()}
+                months = int(g["y"]) * 12 + int(g["mo"])
+                if months > MAX_MONTHS:
+                    raise OverflowError
+                delta = timedelta(
+                    weeks=int(g["w"]),
+                    days=int(g["d"]),
+                    hours=int(g["h"]),
+                    minutes=int(g["mi"]),
+                    seconds=float(g["s"]),
+                )
+                return cls(months, delta)
+        except OverflowError:
+            raise ValueError(f"duration {text!r} is too long") from None
         raise ValueError(
             f"invalid duration {text!r} "
             "(use e.g. '90s', '15m', '6h', '7d' or ISO 8601 'PT6H', 'P1M')"
@@ -79,11 +85,24 @@ class Duration:
         return timedelta(days=30 * self.months) + self.delta
 
     def __str__(self) -> str:
+        """The shortest text that parses back to this duration (ISO 8601 with months)."""
         if self.months == 0:
             return format_timedelta(self.delta)
         out = f"P{self.months}M"
-        if self.delta:
-            out += f"+{format_timedelta(self.delta)}"
+        days, rest = self.delta.days, self.delta - timedelta(days=self.delta.days)
+        if days:
+            out += f"{days}D"
+        if rest:
+            seconds = rest.total_seconds()
+            hours, seconds = divmod(seconds, 3600)
+            minutes, seconds = divmod(seconds, 60)
+            out += "T"
+            if hours:
+                out += f"{int(hours)}H"
+            if minutes:
+                out += f"{int(minutes)}M"
+            if seconds:
+                out += f"{seconds:g}S" if seconds != int(seconds) else f"{int(seconds)}S"
         return out
 
 

@@ -21,6 +21,8 @@ _FIELDS = {
     "obtained_at", "refresh_expires_at", "user_id", "tenant_id", "token_type", "consented_at",
 }
 MAX_EXPIRES_IN = 10 * 365 * 86400
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # before this a token time is a mistake
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)  # after this date arithmetic would overflow
 
 
 def parse_records(text: str) -> list[Any]:
@@ -49,8 +51,16 @@ def parse_records(text: str) -> list[Any]:
 
 def validate(records: list[Any], config: Config, now: datetime) -> list[NewGrant]:
     out = []
+    cc_clients: dict[str, int] = {}  # a client has at most one client_credentials grant
     for number, record in enumerate(records, 1):
-        out.append(_record(number, record, config, now))
+        grant = _record(number, record, config, now)
+        if grant.grant_type == GrantType.CLIENT_CREDENTIALS:
+            if grant.client in cc_clients:
+                raise InputError(
+                    f"import: record {number}: field 'client': a second client_credentials "
+                    f"grant for {grant.client!r} (the first is record {cc_clients[grant.client]})")
+            cc_clients[grant.client] = number
+        out.append(grant)
     if not out:
         raise InputError("import: no records")
     return out
@@ -91,7 +101,14 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
             raise InputError(f"{where}: field {key!r} is not an ISO 8601 time: {value!r}") from None
         if parsed.tzinfo is None:
             raise InputError(f"{where}: field {key!r} needs a time zone (e.g. 'Z'): {value!r}")
-        return parsed.astimezone(UTC)
+        try:
+            parsed = parsed.astimezone(UTC)
+        except OverflowError:
+            parsed = EARLIEST - timedelta(days=1)
+        if not EARLIEST <= parsed < LATEST:
+            raise InputError(f"{where}: field {key!r} is out of range "
+                             f"(1970 to 8999): {value!r}")
+        return parsed
 
     client = string("client", required=True)
     assert client is not None

@@ -49,7 +49,7 @@ class RateLimiter:
         # stop event so that shutdown does not sit out a long interval.
         self._sleep = sleep
         self._lock = threading.Lock()
-        self._last: float | None = None
+        self._next: float | None = None  # earliest moment of the next start
         if rate == 0:
             self.interval = 0.0
         else:
@@ -71,10 +71,12 @@ class RateLimiter:
                 # Read the clock under the lock: the recorded start must be the moment
                 # the slot was granted, and slots must be granted in clock order.
                 now = self._monotonic()
-                if self._last is None or now - self._last >= self.interval:
-                    self._last = now
+                # Compared as "now >= next" rather than "now - last >= interval": then
+                # the wait (next - now) is never rounded down to zero while still early.
+                if self._next is None or now >= self._next:
+                    self._next = now + self.interval
                     return True
-                delay = self._last + self.interval - now
+                delay = self._next - now
             self._wait(delay, stop)
 
     def _wait(self, delay: float, stop: threading.Event | None) -> None:
