@@ -1,37 +1,19 @@
-# `make test` is the one test command (README, CI): venv, install, ruff, mypy, pytest.
+# Thin wrappers: dev.py does the work with nothing but Python 3.11+.
 PYTHON ?= python3
-VENV ?= .venv
-BIN := $(VENV)/bin
 
-.PHONY: test demo install lint typecheck pytest faults bench clean
+.PHONY: test demo faults bench clean
 
-$(BIN)/tokend: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@touch $@
+test:
+	$(PYTHON) dev.py test
 
-install: $(BIN)/tokend
+demo:
+	$(PYTHON) dev.py demo
 
-demo: install
-	$(BIN)/tokend demo
+faults:
+	$(PYTHON) dev.py faults
 
-lint: install
-	$(BIN)/ruff check daemon tests bench
-
-typecheck: install
-	$(BIN)/mypy
-
-pytest: install
-	$(BIN)/pytest -q
-
-test: lint typecheck pytest
-
-faults: install
-	$(BIN)/pytest -q -m faults
-
-bench: install
-	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
+bench:
+	$(PYTHON) dev.py bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache

@@ -18,6 +18,7 @@ import requests
 import urllib3.exceptions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tokend.classify import (
     MAX_RETRY_AFTER,
     GrantKind,
@@ -721,3 +722,8 @@ def test_parse_user_response_returns_or_raises_provider_error(status: int, body:
     assert 200 <= status <= 299
     assert user_id
     assert tenant_id is None or tenant_id
+
+
+def test_parse_retry_after_refuses_a_naive_now() -> None:
+    with pytest.raises(ValueError):
+        parse_retry_after("5", datetime(2024, 1, 1))

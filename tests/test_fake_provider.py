@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import requests
 from freezegun import freeze_time
+
 from tokend.durations import Duration
 from tokend.fake_provider import FakeJustimmo, ManualClock
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config
 from tokend.errors import StoreError
 from tokend.fake_provider import FakeJustimmo, IssuedTokens
@@ -18,8 +19,6 @@ from tokend.model import Grant, NewGrant, Outcome, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
-
-from conftest import CLIENT_ID, CLIENT_SECRET
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import pytest
+
 from tokend import __version__
 from tokend.config import ClientConfig, ProviderConfig, Secret
 from tokend.errors import ErrorKind, ProviderError
@@ -63,6 +64,14 @@ class Seen:
         return dict(parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=False))
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients that give up (timeouts, size cap) leave broken pipes behind: expected.
+        pass
+
+
 class ScriptedServer:
     """Answers from a queue of canned responses and records every request."""
 
@@ -83,8 +92,7 @@ class ScriptedServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         if tls is not None:
             self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
         self.scheme = "https" if tls else "http"

@@ -10,6 +10,7 @@ import threading
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tokend.ratelimit import DEFAULT_GUARD, RateLimiter
 
 

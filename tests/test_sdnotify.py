@@ -9,6 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# isort: split
+# (tokend counts as first- or third-party depending on ruff's `src`; either way this sorts)
 from tokend.sdnotify import Notifier
 
 

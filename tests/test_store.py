@@ -49,8 +49,8 @@ def test_schema_is_created_and_current(store: Store) -> None:
 
 def test_sqlite_file_is_private(tmp_path: Path, key_file: Path,
                                 store_for: Callable[..., Store]) -> None:
-    from tokend.config import load_config
     from conftest import write_config
+    from tokend.config import load_config
 
     path = tmp_path / "sub" / "tokend.db"
     store_for(load_config(write_config(tmp_path, f"sqlite:///{path}", key_file=key_file), env={}))

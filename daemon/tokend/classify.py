@@ -178,6 +178,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     None when absent or unreadable; otherwise clamped to [0, 1 day] so that a broken
     header can neither busy-loop us nor park a grant for weeks.
     """
+    now = _utc(now)  # a naive "now" is the caller's bug, not the header's
     if value is None:
         return None
     text = value.strip()
@@ -190,7 +191,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
             when = email.utils.parsedate_to_datetime(text)
             if when.tzinfo is None:
                 when = when.replace(tzinfo=UTC)
-            seconds = (when - _utc(now)).total_seconds()
+            seconds = (when - now).total_seconds()
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER)

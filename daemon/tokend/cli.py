@@ -206,15 +206,17 @@ def _grants_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def _grants_import(args: argparse.Namespace, config: Config) -> int:
+    from sqlalchemy.exc import IntegrityError
+
     from .imports import parse_records, validate
     from .policy import initial
     from .store import utcnow
 
     try:
         if args.file == "-":
-            text = sys.stdin.read()
+            text = sys.stdin.read().removeprefix("\ufeff")
         else:
-            with open(args.file, encoding="utf-8") as fh:
+            with open(args.file, encoding="utf-8-sig") as fh:  # tolerate a BOM
                 text = fh.read()
     except FileNotFoundError:
         raise InputError(f"import: {args.file} does not exist") from None
@@ -226,6 +228,11 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
     try:
         now = store.clock()
         ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule))
+    except IntegrityError:
+        # The only unique constraint a new row can break: one client_credentials grant
+        # per client (the daemon creates it for clients with client_credentials = true).
+        raise InputError("import: a client_credentials grant of a client in the file is "
+                         "already stored (one per client); nothing was imported") from None
     finally:
         store.close()
     print(f"imported {len(ids)} grant(s) (ids {ids[0]}-{ids[-1]})")

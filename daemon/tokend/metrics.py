@@ -13,7 +13,7 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
@@ -29,6 +29,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # process_start_time_seconds lets TokendNoSuccessfulPass catch a first pass that hangs
+        ProcessCollector(registry=r)
         self.attempts = Counter("tokend_refresh_attempts", "Refresh / acquire attempts.",
                                 ["client", "grant_type"], registry=r)
         self.failures = Counter("tokend_refresh_failures", "Failed attempts by error kind.",
