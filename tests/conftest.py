@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
@@ -38,17 +38,23 @@ def _pg_reachable() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def pg_url() -> str:
+def pg_url() -> Iterator[str]:
+    """A database of this test session's own (parallel runs never share tables)."""
     problem = _pg_reachable()
     if problem is not None:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {PG_URL} is unreachable under CI: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")
-    engine = create_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS grants, events, alembic_version CASCADE"))
-    engine.dispose()
-    return PG_URL
+    name = f"tokend_test_{os.getpid()}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
 
 
 def reset_pg(url: str) -> None:
