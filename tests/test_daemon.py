@@ -101,7 +101,7 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
         text = path.read_text().replace('listen = ""', f'listen = "127.0.0.1:{port}"')
         path.write_text(text)
         config = load_config(path, env={})
-        secrets = seed(config, fake, 30) + [CLIENT_SECRET]
+        secrets = [*seed(config, fake, 30), CLIENT_SECRET]
         env = {**os.environ, "NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}
         env.pop("WATCHDOG_PID", None)
         proc = subprocess.Popen([sys.executable, "-m", "tokend", "--config", str(path), "run"],

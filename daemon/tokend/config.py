@@ -443,17 +443,17 @@ class _Reader:
             raise ConfigError(f"{section}.{key}: must be a number, not {value!r}")
         if integer and (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{section}.{key}: must be a whole number, not {value!r}")
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:  # an int too large for a float
-            finite = False
-        if not finite:
+        if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{section}.{key}: must be a finite number")
+        shown = str(value) if len(str(value)) <= 20 else str(value)[:17] + "..."
         if minimum is not None and value < minimum:
-            raise ConfigError(f"{section}.{key}: must be at least {minimum:g}, not {value}")
+            raise ConfigError(f"{section}.{key}: must be at least {minimum:g}, not {shown}")
         if maximum is not None and value > maximum:
-            raise ConfigError(f"{section}.{key}: must be at most {maximum:g}, not {value}")
-        return float(value)
+            raise ConfigError(f"{section}.{key}: must be at most {maximum:g}, not {shown}")
+        try:
+            return float(value)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(f"{section}.{key}: {shown} is too large") from None
 
     def duration(self, section: str, key: str, default: Duration, *,
                  positive: bool = False) -> Duration:

@@ -1,0 +1,320 @@
+"""Re-consent end to end: authorize flow, webhooks from the outbox, the public API."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from sqlalchemy import text
+
+from conftest import CLIENT_ID, CLIENT_SECRET, write_config
+from tokend import notify
+from tokend.api import GrantUnavailable, TokenStore
+from tokend.authorize import authorize
+from tokend.config import Config, load_config
+from tokend.fake_provider import FakeJustimmo
+from tokend.maintenance import Maintenance
+from tokend.metrics import Metrics
+from tokend.model import Status
+from tokend.provider import ProviderClient
+from tokend.store import Store
+
+WEBHOOK_SECRET = "whsec-test"
+
+
+class Receiver:
+    """A real local webhook receiver that can be down (503) for a while."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.down = False
+        self.failed = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.down:
+                    outer.failed += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                assert notify.verify(WEBHOOK_SECRET, self.headers["X-Tokend-Signature"], body)
+                outer.events.append(json.loads(body))
+                outer.headers.append(dict(self.headers))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeJustimmo]:
+    with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, users={1234: 5678, 99: 7}) as f:
+        yield f
+
+
+@pytest.fixture
+def config(make_config: Callable[..., Config], fake: FakeJustimmo,
+           receiver: Receiver) -> Config:
+    return make_config(fake=fake, extra=f'\n[notify]\nwebhook_url = "{receiver.url}"\n'
+                                         f'webhook_secret = "{WEBHOOK_SECRET}"\n')
+
+
+def browser(user_id: int | None = None, *, tamper: Callable[[str], str] | None = None,
+            delay: float = 0.0) -> Callable[[str], None]:
+    """Plays the user's browser: follows the authorize URL to the local listener."""
+
+    def on_url(url: str) -> None:
+        def go() -> None:
+            if delay:
+                threading.Event().wait(delay)
+            target = url + (f"&user_id={user_id}" if user_id else "")
+            resp = requests.get(target, allow_redirects=False, timeout=5)
+            location = resp.headers["Location"]
+            requests.get(tamper(location) if tamper else location, timeout=5)
+
+        threading.Thread(target=go, daemon=True).start()
+
+    return on_url
+
+
+def run_authorize(config: Config, store: Store, on_url: Callable[[str], None],
+                  timeout: float = 10) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = authorize(config, client="main", redirect_uri=f"http://127.0.0.1:{_port()}/callback",
+                     open_browser=False, timeout=timeout, out=out, err=err, store=store,
+                     on_url=on_url)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_authorize_stores_a_grant(config: Config, store_for: Callable[..., Store],
+                                  fake: FakeJustimmo) -> None:
+    store = store_for(config)
+    code, out, err = run_authorize(config, store, browser())
+    assert code == 0, err
+    url = out.strip()
+    assert url.startswith(fake.authorize_url) and "state=" in url and "response_type=code" in url
+    [g] = store.iter_grants()
+    assert (g.user_id, g.tenant_id, g.status, g.grant_type) == ("1234", "5678", Status.OK,
+                                                                "authorization_code")
+    access, refresh = store.tokens(store.get(g.id, with_tokens=True))
+    assert access and fake.access_token_valid(access)
+    assert refresh and fake.refresh_token_valid(refresh)
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("deny", "authorization denied: access_denied"),
+    ("state", "state does not match"),
+    ("no_state", "state does not match"),
+])
+def test_authorize_failures_store_nothing(config: Config, store_for: Callable[..., Store],
+                                          fake: FakeJustimmo, case: str, message: str) -> None:
+    store = store_for(config)
+    tamper = None
+    if case == "deny":
+        fake.deny_authorizations()
+    elif case == "state":
+        def tamper(loc: str) -> str:
+            return loc.replace("state=", "state=forged")
+    else:
+        def tamper(loc: str) -> str:
+            return loc.split("&state=")[0]
+    code, _out, err = run_authorize(config, store, browser(tamper=tamper))
+    assert code == 1 and message in err
+    assert "nothing stored" in err
+    assert list(store.iter_grants()) == []
+
+
+def test_authorize_times_out(config: Config, store_for: Callable[..., Store]) -> None:
+    store = store_for(config)
+    code, _out, err = run_authorize(config, store, lambda url: None, timeout=0.5)
+    assert code == 1 and "no redirect received" in err
+    assert list(store.iter_grants()) == []
+
+
+def test_expired_code_fails_cleanly(make_config: Callable[..., Config],
+                                   store_for: Callable[..., Store], receiver: Receiver) -> None:
+    with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, code_ttl=0.0) as short:
+        config = make_config(fake=short)
+        store = store_for(config)
+        code, _out, err = run_authorize(config, store, browser())
+    assert code == 1 and "code exchange failed" in err and "Authorization code has expired" in err
+    assert list(store.iter_grants()) == []
+
+
+def test_cli_authorize_prints_the_url_on_its_own_line(tmp_path: Path, db_url: str,
+                                                      key_file: Path, fake: FakeJustimmo) -> None:
+    port = _port()
+    path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+    path.write_text(path.read_text().replace("127.0.0.1:8765", f"127.0.0.1:{port}"))
+    if db_url.startswith("postgresql"):
+        subprocess.run([sys.executable, "-m", "tokend", "--config", str(path), "db", "upgrade"],
+                       check=True, capture_output=True)
+    proc = subprocess.Popen([sys.executable, "-m", "tokend", "--config", str(path), "authorize",
+                             "--client", "main", "--no-browser", "--timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    url = proc.stdout.readline().strip()
+    assert url.startswith(fake.authorize_url)
+    resp = requests.get(url, allow_redirects=False, timeout=5)
+    requests.get(resp.headers["Location"], timeout=5)
+    assert proc.wait(timeout=30) == 0
+    assert "stored grant 1 for user 1234" in (proc.stderr.read() if proc.stderr else "")
+    listing = subprocess.run([sys.executable, "-m", "tokend", "--config", str(path), "grants",
+                              "list", "--json"], capture_output=True, text=True, check=True)
+    assert [g["user_id"] for g in json.loads(listing.stdout)] == ["1234"]
+
+
+def test_reconsent_due_webhook_then_authorize_recovers(
+        config: Config, store_for: Callable[..., Store], fake: FakeJustimmo,
+        receiver: Receiver) -> None:
+    store = store_for(config)
+    metrics = Metrics()
+    assert run_authorize(config, store, browser())[0] == 0
+    [g] = store.iter_grants()
+    # the refresh token now ends in 2 days: inside reconsent_before (7 days)
+    soon = datetime.now(UTC) + timedelta(days=2)
+    _set(store, "refresh_expires_at = :t, next_attempt_at = :n",
+         t=soon, n=datetime.now(UTC) - timedelta(seconds=1))
+    provider = ProviderClient(config.provider)
+    engine = Maintenance(config, store, provider, metrics=metrics)
+    try:
+        engine.run_pass()
+    finally:
+        engine.close()
+        provider.close()
+    assert store.get(g.id).status == Status.RECONSENT_DUE
+    notifier = notify.Notifier(config, store, metrics)
+    assert notifier.deliver_due() == 1
+    [event] = receiver.events
+    assert (event["event"], event["grant_id"], event["reason"], event["user_id"]) == (
+        "reconsent_due", g.id, "refresh_token_expiring", "1234")
+    assert receiver.headers[0]["X-Tokend-Event-Id"] == event["id"]
+    assert metrics.registry.get_sample_value(
+        "tokend_notifications_total", {"event": "reconsent_due", "outcome": "delivered"}) == 1
+    # the person re-consents: same grant id, ok again, and a "recovered" event
+    assert run_authorize(config, store, browser())[0] == 0
+    [again] = store.iter_grants()
+    assert again.id == g.id and again.status == Status.OK
+    assert notifier.deliver_due() == 1
+    assert [e["event"] for e in receiver.events] == ["reconsent_due", "recovered"]
+    assert notifier.deliver_due() == 0
+
+
+def test_events_survive_a_receiver_outage_exactly_once(
+        config: Config, store_for: Callable[..., Store], receiver: Receiver) -> None:
+    store = store_for(config)
+    metrics = Metrics()
+    for i in range(5):
+        store.add_event({"event": "reconsent_required", "grant_id": i}, None)
+    notifier = notify.Notifier(config, store, metrics)
+    receiver.down = True
+    assert notifier.deliver_due() == 0
+    assert receiver.failed == 5
+    assert notifier.deliver_due() == 0  # backing off: nothing due yet
+    _set(store, "next_attempt_at = :n", table="events", n=datetime.now(UTC))  # time passes
+    receiver.down = False
+    assert notifier.deliver_due() == 5
+    ids = [e["id"] for e in receiver.events]
+    assert len(ids) == 5 and len(set(ids)) == 5
+    assert notifier.deliver_due() == 0
+    assert metrics.registry.get_sample_value(
+        "tokend_notifications_total", {"event": "reconsent_required", "outcome": "failed"}) == 5
+
+
+def test_signature_verification() -> None:
+    body = b'{"id": "1"}'
+    header = notify.sign("s3cret", 1_700_000_000, body)
+    assert notify.verify("s3cret", header, body, now=1_700_000_100)
+    assert not notify.verify("s3cret", header, body + b" ", now=1_700_000_100)
+    assert not notify.verify("other", header, body, now=1_700_000_100)
+    assert not notify.verify("s3cret", header, body, now=1_700_009_999)  # too old
+    assert not notify.verify("s3cret", "garbage", body)
+
+
+def test_api_returns_the_current_token_or_says_why_not(
+        config: Config, store_for: Callable[..., Store], fake: FakeJustimmo) -> None:
+    store = store_for(config)
+    assert run_authorize(config, store, browser())[0] == 0
+    [g] = store.iter_grants()
+    with TokenStore(config) as api:
+        token = api.access_token(client="main", user_id=1234)
+        assert fake.access_token_valid(token)
+        assert api.access_token_by_id(g.id) == token
+        with pytest.raises(GrantUnavailable, match="no grant for user 42"):
+            api.access_token(client="main", user_id=42)
+        store.set_status(g.id, Status.RECONSENT_REQUIRED, "invalid_grant", None)
+        with pytest.raises(GrantUnavailable, match="needs re-consent"):
+            api.access_token(client="main", user_id="1234")
+    with pytest.raises(Exception, match="unknown client"):
+        TokenStore(config).access_token(client="nope", user_id=1)
+
+
+def test_no_token_in_clear_in_a_database_dump(config: Config, store_for: Callable[..., Store],
+                                              db_url: str, tmp_path: Path) -> None:
+    store = store_for(config)
+    assert run_authorize(config, store, browser())[0] == 0
+    [g] = store.iter_grants()
+    access, refresh = store.tokens(store.get(g.id, with_tokens=True))
+    assert access and refresh
+    if db_url.startswith("sqlite"):
+        dump = b"".join(p.read_bytes() for p in tmp_path.glob("tokend.db*"))
+    else:
+        url = db_url.replace("postgresql+psycopg://", "postgresql://")
+        dump = subprocess.run(["pg_dump", url], capture_output=True, check=True).stdout
+        with store.engine.connect() as conn:
+            dump += str(conn.execute(text("SELECT * FROM grants")).all()).encode()
+    assert access.encode() not in dump and refresh.encode() not in dump
+    assert b"enc:v1:" in dump
+
+
+def _set(store: Store, assignments: str, table: str = "grants", **params: datetime) -> None:
+    bound = {k: (v.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if store.dialect == "sqlite" else v)
+             for k, v in params.items()}
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {table} SET {assignments}"), bound)
+
+
+def test_config_from_env_for_the_api(config: Config) -> None:
+    assert load_config(config.source, env={}).notify.webhook_url == config.notify.webhook_url
