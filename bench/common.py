@@ -371,16 +371,17 @@ def dummy_tokens(store: Store) -> tuple[str, str]:
 
 def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
               chunk: int = 100_000) -> float:
-    """Add ``n`` rows with SQL only; the first ``due`` are due now (dummy tokens, so a
-    refresh of them would fail), the rest spread over the next 20 days. Returns seconds."""
+    """Add ``n`` rows with SQL only; ``due`` of them, spread evenly through the table as
+    in real life, are due now (dummy tokens: a refresh of them would fail), the rest come
+    due over the next 20 days. Returns the seconds it took."""
     t0 = time.monotonic()
     access, refresh = dummy_tokens(store)
     now = utcnow()
     pg = store.dialect == "postgresql"
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
-        params = {"k": k, "off": start, "uid": user_id_start + start, "due": due,
-                  "acc": access, "ref": refresh}
+        params = {"k": k, "off": start, "uid": user_id_start + start,
+                  "stride": n // due if due else n + 1, "acc": access, "ref": refresh}
         if pg:
             params["now"] = now
             sql = """
@@ -392,7 +393,7 @@ def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
                     t + interval '6 hours', :ref, :now + interval '25 days', :now, :now,
                     'ok', 0, t, false, 0, :now, :now
                 FROM generate_series(1, :k) AS x,
-                LATERAL (SELECT CASE WHEN :off + x <= :due
+                LATERAL (SELECT CASE WHEN (:off + x) % :stride = 0
                     THEN :now - make_interval(secs => (:off + x) % 600 + 1)
                     ELSE :now + make_interval(secs => 3600 + ((:off + x) * 7919) % 1728000)
                     END AS t) AS d
@@ -401,7 +402,7 @@ def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
             params["now"] = now.strftime("%Y-%m-%d %H:%M:%S")
             sql = """
                 WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < :k),
-                d(x, t) AS (SELECT x, CASE WHEN :off + x <= :due
+                d(x, t) AS (SELECT x, CASE WHEN (:off + x) % :stride = 0
                     THEN datetime(:now, '-' || ((:off + x) % 600 + 1) || ' seconds')
                     ELSE datetime(:now, '+' || (3600 + ((:off + x) * 7919) % 1728000)
                                   || ' seconds') END FROM c)

@@ -29,7 +29,7 @@ TOKENS = {
     "bob_rt": "RT-bob-9c0d1e2f-never-print",
     "cc_at": "AT-cc-3a4b5c6d-never-print",
 }
-GRANT_FIELDS = {
+GRANT_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": int, "client": str, "grant_type": str, "user_id": (str, type(None)),
     "tenant_id": (str, type(None)), "status": str, "reason": (str, type(None)),
     "access_expires_at": (str, type(None)), "refresh_expires_at": (str, type(None)),
@@ -78,10 +78,12 @@ def records(now: datetime) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def config(tmp_path: Path, db_url: str, key_file: Path) -> Path:
+def config(tmp_path: Path, db_url: str, key_file: Path,
+           capsys: pytest.CaptureFixture[str]) -> Path:
     """A config on the backend under test, schema upgraded, two clients."""
     path = write_config(tmp_path, db_url, key_file=key_file, extra=OTHER_CLIENT)
     assert main(["--config", str(path), "db", "upgrade"]) == 0
+    capsys.readouterr()
     return path
 
 
@@ -121,7 +123,8 @@ def test_check_config_without_a_file_shows_the_justimmo_defaults(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("extra", "env", "message"), [
-    ("[schedule]\nconcurrency = 0\n", {}, "schedule.concurrency: must be at least 1"),
+    ("[metrics]\nlisten = 'x'\n", {}, "is not valid TOML"),  # [metrics] twice
+    ("", {"TOKEND_SCHEDULE__CONCURRENCY": "0"}, "schedule.concurrency: must be at least 1"),
     ("[nope]\n", {}, "unknown section [nope]"),
     ("[logging]\nlevel = \n", {}, "is not valid TOML"),
     ("[clients.x]\nclient_id = 'x'\nclient_secret_file = 'absent'\n", {},

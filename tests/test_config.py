@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tokend.config import Config, ConfigError, Secret, load_config, render
+from tokend.config import Config, Secret, load_config, render
 from tokend.durations import Duration
+from tokend.errors import ConfigError
 
 SECRET = "s3cr3t-value-never-shown"
 

@@ -9,14 +9,17 @@ and the metrics show up within a minute.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import tempfile
 import threading
 import time
 from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import requests
 
@@ -32,7 +35,7 @@ CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 USERS = {1001: 501, 1002: 501, 1003: 502, 1004: 503}
 
 
-def demo_config(workdir: Path, fake: FakeJustimmo, listen: str) -> Path:
+def demo_config(workdir: Path, fake: FakeJustimmo, listen: str, webhook: str) -> Path:
     path = workdir / "tokend.toml"
     (workdir / "demo-secret").write_text(CLIENT_SECRET + "\n")
     (workdir / "demo-secret").chmod(0o600)
@@ -60,10 +63,13 @@ refresh_before = "10s"
 retry_max = "30s"
 reconsent_before = "150s"
 concurrency = 4
-max_grant_age = "45s"
+max_grant_age = "30s"
 
 [metrics]
 listen = "{listen}"
+
+[notify]
+webhook_url = "{webhook}"
 
 [logging]
 format = "console"
@@ -127,7 +133,8 @@ def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
     daemon = None
     store = None
     try:
-        config = load_config(demo_config(wd, fake, listen), env={})
+        hooks = _WebhookPrinter(wd / "tokend.toml")
+        config = load_config(demo_config(wd, fake, listen, hooks.url), env={})
         logs.configure(config.logging)
         say(f"fake Justimmo listening on {fake.base_url}; working directory {wd}")
         say(f"config: {wd / 'tokend.toml'} (access tokens live 30s, refresh tokens 3m)")
@@ -138,10 +145,10 @@ def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
         daemon = Daemon(config, store)
         daemon.start()
         say(f"daemon started; metrics on http://{listen}/metrics, health on /healthz, /readyz")
-        say("watch: refreshes every ~20s per grant; in ~10s user 1004 revokes access at the "
-            "provider, so its grant is flagged reconsent_required; after ~40s the refresh "
-            "tokens near their 3-minute end and grants go reconsent_due until a refresh "
-            "rotates them out of the window again")
+        say("watch: each grant refreshes every ~15-20s (rotating its refresh token); in ~10s "
+            "user 1004 revokes access at the provider, so its grant is flagged "
+            "reconsent_required; after ~30s the grants pass max_grant_age (30s here) and are "
+            "flagged reconsent_due: they keep working, but a person should re-consent")
         started = time.monotonic()
         revoked = False
         while not stop.wait(1.0):
@@ -154,6 +161,7 @@ def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
                 revoked = True
             if int(elapsed) % 15 == 0:
                 _summary(store, fake, say)
+                _metrics(listen)
             if duration is not None and elapsed >= duration:
                 break
         _summary(store, fake, say)
@@ -165,6 +173,8 @@ def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
         if store is not None:
             store.close()
         fake.stop()
+        if "hooks" in locals():
+            hooks.close()
         if tmp is not None:
             tmp.cleanup()
 
@@ -181,6 +191,46 @@ def _summary(store: object, fake: FakeJustimmo, say: object) -> None:
     _say(f"provider saw {stats['by_grant'].get('refresh_token', 0)} refreshes, "
          f"{stats['by_grant'].get('client_credentials', 0)} client-credentials grants, "
          f"refresh-token reuse: {stats['reuse_count']}")
+
+
+def _metrics(listen: str) -> None:
+    """A few lines of our own /metrics, as Prometheus would scrape them."""
+    try:
+        body = requests.get(f"http://{listen}/metrics", timeout=2).text
+    except requests.RequestException:
+        return
+    keep = ("tokend_grants{", "tokend_refresh_attempts_total{", "tokend_due_grants{")
+    for line in body.splitlines():
+        if line.startswith(keep) and not line.endswith(" 0.0"):
+            _say(f"metrics: {line}")
+
+
+class _WebhookPrinter:
+    """The webhook receiver an operator would point at chat or a ticket system."""
+
+    def __init__(self, config_path: Path) -> None:
+        outer_say = _say
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                event = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer_say(f"webhook: {event['event']} for grant {event['grant_id']} "
+                          f"(user {event['user_id']}, reason {event['reason']}); "
+                          f"a person fixes it with: tokend --config {config_path} "
+                          f"authorize --client {event['client']}")
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _say(text: str) -> None:

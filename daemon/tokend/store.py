@@ -24,6 +24,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
+    Select,
     Table,
     and_,
     create_engine,
@@ -367,6 +368,20 @@ class Store:
                 pass  # another replica created it first: the unique index says so
         return created
 
+    def claim_query(self, now: datetime, limit: int) -> Select[Any]:
+        """The SELECT of :meth:`claim_due` (also what ``due_query_plan`` and ``bench/`` see).
+
+        Walks ``ix_grants_next_attempt_at`` from its low end and stops after ``limit``
+        rows, so its cost does not grow with the table.
+        """
+        q = (self._select(with_tokens=True)
+             .where(G.c.next_attempt_at <= now)
+             .order_by(G.c.next_attempt_at)
+             .limit(limit))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        return cast("Select[Any]", q)
+
     def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
         """Lease up to ``limit`` due grants to ``owner`` and commit the lease.
 
@@ -376,14 +391,8 @@ class Store:
         """
         now = self.clock()
         until = now + lease
-        q = (self._select(with_tokens=True)
-             .where(G.c.next_attempt_at <= now)
-             .order_by(G.c.next_attempt_at)
-             .limit(limit))
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
         with self.tx() as conn:
-            rows = conn.execute(q).all()
+            rows = conn.execute(self.claim_query(now, limit)).all()
             if not rows:
                 return []
             grants = [self._grant(r, with_tokens=True) for r in rows]
@@ -524,18 +533,13 @@ class Store:
                 .group_by(G.c.client)).all())
         return Stats(counts=counts, access_earliest=access, refresh_earliest=refresh, due=due)
 
-    def due_query_plan(self, now: datetime) -> str:
-        """The backend's plan for the claim query's shape, for tests and ``bench/``."""
-        if self.dialect == "sqlite":
-            sql = ("EXPLAIN QUERY PLAN SELECT * FROM grants WHERE next_attempt_at <= :now "
-                   "ORDER BY next_attempt_at LIMIT 100")
-            bound = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        else:
-            sql = ("EXPLAIN SELECT * FROM grants WHERE next_attempt_at <= :now "
-                   "ORDER BY next_attempt_at LIMIT 100 FOR UPDATE SKIP LOCKED")
-            bound = now  # type: ignore[assignment]
+    def due_query_plan(self, now: datetime, limit: int = 100) -> str:
+        """The backend's plan for the claim query itself, for tests and ``bench/``."""
+        compiled = self.claim_query(now, limit).compile(
+            dialect=self.engine.dialect, compile_kwargs={"literal_binds": True})
+        prefix = "EXPLAIN QUERY PLAN " if self.dialect == "sqlite" else "EXPLAIN "
         with self.tx(readonly=True) as conn:
-            rows = conn.execute(text(sql), {"now": bound}).all()
+            rows = conn.exec_driver_sql(prefix + str(compiled)).all()
         return "\n".join(" ".join(str(x) for x in r) for r in rows)
 
     # ------------------------------------------------------------------ keys
