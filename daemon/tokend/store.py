@@ -38,7 +38,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, QueuePool
 
 from .config import Config
 from .crypto import Cipher, cipher_for
@@ -65,7 +65,15 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         path = url.split("///", 1)[1] if "///" in url else ""
         if path and path != ":memory:":
             _create_private_file(Path(path))
-        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+            # Pooled: opening a connection costs four PRAGMAs, and closing the last one
+            # checkpoints and deletes the WAL, which the next commit then recreates;
+            # per saved grant that was most of the database time. An idle pooled
+            # connection holds no lock (no transaction is open between uses).
+            engine = create_engine(url, poolclass=QueuePool, pool_size=pool_size,
+                                   max_overflow=pool_size,
+                                   connect_args={"timeout": 30, "check_same_thread": False})
+        else:
+            engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
