@@ -354,3 +354,16 @@ def test_an_unknown_client_in_the_filter_lists_nothing(capsys: pytest.CaptureFix
     assert cli(capsys, "--config", str(config), "grants", "list", "--client", "x") == (
         0, "ID\tCLIENT\tTYPE\tUSER\tTENANT\tSTATUS\tREASON\tACCESS_EXPIRES\tREFRESH_EXPIRES\n",
         "")
+
+
+def test_a_damaged_database_is_one_line_and_exit_1(config: Path, db_url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:  # the schema says "current", but the table is gone
+        conn.execute(text("DROP TABLE grants"))
+    engine.dispose()
+    r = tokend("--config", str(config), "grants", "show", "1")
+    assert r.returncode == 1 and r.stdout == ""
+    line = one_line(r.stderr)
+    assert line.startswith("tokend: database error: ") and "grants" in line

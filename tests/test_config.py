@@ -360,6 +360,10 @@ def test_render_prints_valid_config_that_loads_to_the_same_settings(tmp_path: Pa
      r"clients\.main\.secret: unknown key"),
     ("clients = 5\n", {}, r"clients: must be a table"),
     ("[clients]\nmain = 5\n", {}, r"clients\.main: must be a table"),
+    (f"[clients.{'c' * 101}]\nclient_id = 'i'\nclient_secret = 'x'\n", {},
+     r"clients\.c+: a client name has 1 to 100 characters"),
+    ("[clients.' ']\nclient_id = 'i'\nclient_secret = 'x'\n", {},
+     r"clients\. : a client name has 1 to 100 characters"),
     ("", {"TOKEND_NOPE__X": "1"}, r"TOKEND_NOPE__X: unknown section \[nope\]"),
     ("", {"TOKEND_DATABASE__URI": "x"}, r"TOKEND_DATABASE__URI: database\.uri: unknown key"),
     ("", {"TOKEND_DATABASE": "x"}, None),  # no "__": not a config variable, ignored

@@ -183,3 +183,29 @@ def test_database_down_at_start_is_waited_for(tmp_path: Path, key_file: Path) ->
             proc.kill()
         out, err = proc.communicate()
     assert b"database_unavailable" in out + err
+
+
+def test_two_processes_on_postgresql_never_refresh_a_grant_twice(
+        tmp_path: Path, pg_url: str, key_file: Path) -> None:
+    from conftest import reset_pg
+
+    reset_pg(pg_url)
+    with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.01) as fake:
+        path = write_config(tmp_path, pg_url, fake=fake, key_file=key_file,
+                            schedule="concurrency = 4")
+        config = load_config(path, env={})
+        seed(config, fake, 400)
+        cmd = [sys.executable, "-m", "tokend", "--config", str(path), "run", "--once"]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        refreshed = []
+        for out, err in outputs:
+            done = [json.loads(line) for line in (out + err).decode().splitlines()
+                    if line.startswith("{") and '"pass_done"' in line]
+            refreshed.append(done[-1]["refreshed"])
+        stats = fake.stats()
+        assert sum(refreshed) == 400 and min(refreshed) > 0  # both did part of the work
+        assert stats["rotations"] == 400 and stats["reuse_count"] == 0
+    reset_pg(pg_url)

@@ -129,6 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # A database error the store did not translate (a damaged schema, a constraint):
+        # one line for the operator, never the SQL parameters (they may hold tokens).
+        if not type(exc).__module__.startswith(("sqlalchemy", "psycopg", "sqlite3")):
+            raise
+        orig = getattr(exc, "orig", None) or exc
+        lines = str(orig).strip().splitlines() or [type(orig).__name__]
+        print(f"tokend: database error: {lines[0][:300]}", file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------- commands

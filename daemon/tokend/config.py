@@ -325,6 +325,8 @@ def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
     out: dict[str, ClientConfig] = {}
     for name, table in raw.items():
         where = f"clients.{name}"
+        if not name.strip() or len(name) > 100:
+            raise ConfigError(f"{where}: a client name has 1 to 100 characters")
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: must be a table")
         for key in table:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     Select,
     Table,
     and_,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -426,27 +427,28 @@ class Store:
         False if the guard failed (the grant was re-consented or deleted meanwhile).
         """
         now = self.clock()
-        values: dict[str, Any] = {
-            "status": outcome.status.value, "reason": outcome.reason,
-            "next_attempt_at": outcome.next_attempt_at, "failure_count": outcome.failure_count,
-            "last_error": outcome.last_error, "in_doubt": outcome.in_doubt,
-            "lease_owner": None, "lease_expires_at": None, "updated_at": now,
+        params: dict[str, Any] = {
+            "g_id": grant.id, "g_owner": owner, "g_version": grant.token_version,
+            "p_status": outcome.status.value, "p_reason": outcome.reason,
+            "p_next_attempt_at": outcome.next_attempt_at,
+            "p_failure_count": outcome.failure_count, "p_last_error": outcome.last_error,
+            "p_in_doubt": outcome.in_doubt, "p_updated_at": now,
         }
+        new_refresh = False
         if outcome.success:
             assert outcome.access_token is not None
-            values.update(
-                access_token=self.cipher.encrypt(outcome.access_token),
-                access_expires_at=outcome.access_expires_at,
-                refresh_expires_at=outcome.refresh_expires_at,
-                obtained_at=outcome.obtained_at,
-                token_version=G.c.token_version + 1,
+            params.update(
+                p_access_token=self.cipher.encrypt(outcome.access_token),
+                p_access_expires_at=outcome.access_expires_at,
+                p_refresh_expires_at=outcome.refresh_expires_at,
+                p_obtained_at=outcome.obtained_at,
             )
             if outcome.refresh_token is not None:
-                values["refresh_token"] = self.cipher.encrypt(outcome.refresh_token)
-        guard = and_(G.c.id == grant.id, or_(G.c.lease_owner == owner,
-                                              G.c.token_version == grant.token_version))
+                new_refresh = True
+                params["p_refresh_token"] = self.cipher.encrypt(outcome.refresh_token)
         with self.tx() as conn:
-            if conn.execute(update(G).where(guard).values(**values)).rowcount == 0:
+            stmt = _save_statement(outcome.success, new_refresh)
+            if conn.execute(stmt, params).rowcount == 0:
                 return False
             if event is not None:
                 self._add_event(conn, event, grant.id, now)
@@ -573,6 +575,44 @@ class Store:
                         conn.execute(update(G).where(G.c.id == gid).values(**values))
                         done += 1
                 last = rows[-1][0]
+
+
+_SAVE_STATEMENTS: dict[tuple[bool, bool], Any] = {}
+
+
+def _save_statement(success: bool, new_refresh: bool) -> Any:
+    """The UPDATE of :meth:`Store.save`, built once per shape with bound parameters.
+
+    Building ``update().where().values()`` afresh for every saved grant (and computing
+    its cache key) cost about as much CPU as the HTTP request it records.
+    """
+    key = (success, new_refresh)
+    stmt = _SAVE_STATEMENTS.get(key)
+    if stmt is not None:
+        return stmt
+
+    def p(column: str) -> Any:
+        return bindparam(f"p_{column}", type_=G.c[column].type)
+
+    values: dict[str, Any] = {
+        name: p(name) for name in ("status", "reason", "next_attempt_at", "failure_count",
+                                   "last_error", "in_doubt", "updated_at")
+    }
+    values.update(lease_owner=None, lease_expires_at=None)
+    if success:
+        values.update({name: p(name) for name in ("access_token", "access_expires_at",
+                                                  "refresh_expires_at", "obtained_at")})
+        values["token_version"] = G.c.token_version + 1
+        if new_refresh:
+            values["refresh_token"] = p("refresh_token")
+    guard = and_(
+        G.c.id == bindparam("g_id", type_=G.c.id.type),
+        or_(G.c.lease_owner == bindparam("g_owner", type_=G.c.lease_owner.type),
+            G.c.token_version == bindparam("g_version", type_=G.c.token_version.type)),
+    )
+    stmt = update(G).where(guard).values(**values)
+    _SAVE_STATEMENTS[key] = stmt
+    return stmt
 
 
 def _replace_grant(grant: Grant, **changes: Any) -> Grant:

@@ -1,0 +1,161 @@
+"""CPU cost per refresh: a tokend pass against a minimal hand-written loop.
+
+tokend: one maintenance pass (tokend's real ``Maintenance``, store and provider client,
+its JSON logs written to /dev/null) over N due grants, concurrency 8, no rate limit.
+Minimal loop: for each grant one ``requests.Session().post`` to the token endpoint, the
+JSON parsed, and one plain ``UPDATE grants SET access_token, refresh_token, ...`` with a
+commit, straight through the DB-API driver (sqlite3 / psycopg) on one connection.
+
+Both run in THIS process against the same fake provider (its own process, 5 ms latency)
+and the same database, alternately, several rounds; the figure is process CPU
+(``time.process_time()``: user + system of all threads of this process) per refresh.
+Target: tokend / minimal <= 1.5 on each backend.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import sqlite3
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import requests
+from common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Fake,
+    backends,
+    banner,
+    database,
+    load,
+    median,
+    open_bench_store,
+    parse_args,
+    quiet_logs,
+    ratio_line,
+    seed_due,
+    workdir,
+    write_config,
+)
+
+from tokend.maintenance import Maintenance
+from tokend.metrics import Metrics
+from tokend.provider import ProviderClient
+from tokend.store import Store
+
+LATENCY = 0.005
+_users = itertools.count()
+
+
+def seed(store: Store, fake: Fake, n: int) -> list[tuple[int, str]]:
+    """``n`` due grants; returns (id, refresh token in clear) of each."""
+    ids = seed_due(store, fake, n, user_id_start=next(_users) * 100_000 + 1)
+    out = []
+    for gid in ids:
+        _, refresh = store.tokens(store.get(gid, with_tokens=True))
+        assert refresh is not None
+        out.append((gid, refresh))
+    return out
+
+
+def tokend_pass(store: Store, config_path: Any, fake: Fake, n: int) -> float:
+    config = load(config_path)
+    seed(store, fake, n)
+    provider = ProviderClient(config.provider, pool_size=config.schedule.concurrency)
+    m = Maintenance(config, store, provider, metrics=Metrics())
+    fake.reset_stats()
+    gc.collect()
+    c0 = time.process_time()
+    result = m.run_pass()
+    cpu = time.process_time() - c0
+    m.close()
+    provider.close()
+    check(fake, n, result.refreshed)
+    return cpu / n
+
+
+def minimal_loop(store: Store, url: str, fake: Fake, n: int) -> float:
+    grants = seed(store, fake, n)
+    fake.reset_stats()
+    if url.startswith("sqlite"):
+        conn: Any = sqlite3.connect(url.split("///", 1)[1], isolation_level=None)
+        conn.execute("PRAGMA synchronous=NORMAL")  # as tokend's connections: same durability
+        begin, mark = "BEGIN", "?"
+    else:
+        import psycopg
+
+        conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+        begin, mark = "", "%s"
+    sql = (f"UPDATE grants SET access_token = {mark}, refresh_token = {mark}, "
+           f"access_expires_at = {mark}, updated_at = {mark} WHERE id = {mark}")
+    session = requests.Session()
+    gc.collect()
+    c0 = time.process_time()
+    for gid, refresh in grants:
+        r = session.post(fake.token_url, data={
+            "grant_type": "refresh_token", "refresh_token": refresh,
+            "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, timeout=10)
+        r.raise_for_status()
+        body = r.json()
+        now = datetime.now(UTC)
+        expires: Any = now + timedelta(seconds=body["expires_in"])
+        if begin:  # sqlite: tokend's text timestamps
+            expires, now = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), \
+                now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            conn.execute(begin)
+        conn.execute(sql, (body["access_token"], body["refresh_token"], expires, now, gid))
+        conn.commit()
+    cpu = time.process_time() - c0
+    session.close()
+    conn.close()
+    check(fake, n, n)
+    return cpu / n
+
+
+def check(fake: Fake, n: int, refreshed: int) -> None:
+    stats = fake.stats()
+    if refreshed != n or stats["rotations"] != n or stats["reuse_count"]:
+        raise SystemExit(f"run went wrong: refreshed {refreshed}/{n}, rotations "
+                         f"{stats['rotations']}, reuse {stats['reuse_count']}")
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    n = 300 if args.quick else 1500
+    rounds = 2 if args.quick else 3
+    ratios: dict[str, float] = {}
+    with workdir("cpu") as wd, Fake(latency=LATENCY) as fake:
+        for backend in backends(args):
+            banner(f"{backend}: CPU per refresh, {n} grants x {rounds} rounds, "
+                   f"latency {LATENCY * 1000:.0f} ms")
+            with database(backend, "cpu", wd) as url:
+                path = write_config(wd, url, token_url=fake.token_url, concurrency=8,
+                                    rate_limit=0)
+                config = load(path)
+                sink = quiet_logs(config)
+                store = open_bench_store(config, pool_size=10)
+                try:
+                    tokend_pass(store, path, fake, min(n, 200))  # warm-up: imports, caches
+                    minimal_loop(store, url, fake, min(n, 200))
+                    t_cpu, m_cpu = [], []
+                    for i in range(rounds):
+                        t_cpu.append(tokend_pass(store, path, fake, n))
+                        m_cpu.append(minimal_loop(store, url, fake, n))
+                        print(f"  round {i + 1}: tokend {t_cpu[-1] * 1000:.3f} ms/refresh, "
+                              f"minimal {m_cpu[-1] * 1000:.3f} ms/refresh, "
+                              f"ratio {t_cpu[-1] / m_cpu[-1]:.2f}", flush=True)
+                finally:
+                    store.close()
+                    sink.close()
+            ratios[backend] = median(t_cpu) / median(m_cpu)
+            print(f"{backend}: median tokend {median(t_cpu) * 1000:.3f} ms, "
+                  f"minimal {median(m_cpu) * 1000:.3f} ms CPU per refresh")
+    banner("ratios")
+    for backend, r in ratios.items():
+        print(ratio_line(f"{backend} cpu_per_refresh tokend/minimal", r, "<=", 1.5))
+
+
+if __name__ == "__main__":
+    main()
