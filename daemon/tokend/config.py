@@ -224,7 +224,13 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
             if not isinstance(child, dict):
                 raise ConfigError(f"environment variable {name}: {part} is not a table")
             node = child
-        node[parts[-1]] = _EnvValue(value)
+        key = parts[-1]
+        # The environment overrides the file: a secret given there replaces the file's
+        # value in either spelling (client_secret vs client_secret_file).
+        twin = key[:-len("_file")] if key.endswith("_file") else f"{key}_file"
+        if twin in node and not isinstance(node[twin], _EnvValue):
+            del node[twin]
+        node[key] = _EnvValue(value)
 
 
 class _EnvValue(str):

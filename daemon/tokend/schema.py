@@ -41,7 +41,9 @@ class UTCDateTime(TypeDecorator[datetime]):
             raise ValueError("naive datetime given to the store; tokend uses aware UTC")
         value = value.astimezone(UTC)
         if dialect.name == "sqlite":
-            return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            # isoformat pads the year to 4 digits (strftime's %Y does not below 1000),
+            # so the text sorts like time for every year.
+            return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
         return value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
