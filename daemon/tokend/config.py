@@ -122,6 +122,8 @@ class LoggingConfig:
 class EncryptionConfig:
     key_file: Path | None = None  # resolved path; None = no key configured
     keys: tuple[Secret, ...] = ()  # loaded keys, newest first (empty if the file is absent)
+    # A systemd credential is read-only and provided by the operator: never created.
+    from_credentials: bool = False
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,10 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
                               f"{getattr(exc, 'strerror', None) or exc}") from None
         if exists:
             keys = read_keys(key_path)
-        encryption = EncryptionConfig(key_file=key_path, keys=keys)
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        encryption = EncryptionConfig(
+            key_file=key_path, keys=keys,
+            from_credentials=bool(creds) and key_path.parent == Path(str(creds)))
 
     notify = NotifyConfig(
         webhook_url=r.url("notify", "webhook_url", "", allow_empty=True),

@@ -89,10 +89,7 @@ def cipher_for(config: Config, *, create: bool) -> Cipher:
         return Cipher(enc.keys)
     if enc.key_file is None:
         raise ConfigError("encryption.key_file: is required (tokens are always stored encrypted)")
-    in_credentials = os.environ.get("CREDENTIALS_DIRECTORY") and str(enc.key_file).startswith(
-        os.environ["CREDENTIALS_DIRECTORY"]
-    )
-    if create and config.database.is_sqlite and not in_credentials:
+    if create and config.database.is_sqlite and not enc.from_credentials:
         try:
             create_key_file(enc.key_file)
         except FileExistsError:
