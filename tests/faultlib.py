@@ -19,6 +19,7 @@ Every wait here is bounded in time; every process is started by us and ended by 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -187,10 +188,21 @@ class FakeProcess(Proc):
                                            "grants": [list(p) for p in pairs]}, timeout=60)
         return [(bool(a), bool(b)) for a, b in data]
 
-    def wait_idle(self, timeout: float = 10.0) -> None:
-        """Until no request is being handled (a dead client's request still completes)."""
-        wait_until(lambda: self.stats()["in_flight"] == 0, timeout,
-                   what="the fake provider to finish requests in flight")
+    def wait_idle(self, timeout: float = 10.0, quiet: float = 0.2) -> None:
+        """Until no request is being handled and none arrived for ``quiet`` seconds.
+
+        A killed client's requests still complete here (and rotate), including one it
+        wrote into the socket just before dying that the fake has not read yet.
+        """
+        def settled() -> bool:
+            first = self.stats()
+            if first["in_flight"]:
+                return False
+            time.sleep(quiet)
+            second = self.stats()
+            return bool(second["in_flight"] == 0 and second["requests"] == first["requests"])
+
+        wait_until(settled, timeout, what="the fake provider to finish requests in flight")
 
 
 class Daemon(Proc):
@@ -332,10 +344,52 @@ def pg_ready(url: str) -> bool:
         engine.dispose()
 
 
+def dispose_all_engines() -> int:
+    """Drop the pooled connections of every SQLAlchemy engine in this process.
+
+    A PostgreSQL restart kills every open connection, and an engine without
+    ``pool_pre_ping`` hands the dead one out again: conftest's session-scoped admin
+    engine (``pg_url``) would then fail the session's ``DROP DATABASE`` at teardown.
+    Disposing only empties the pools; each engine reconnects on its next use.
+    """
+    import gc
+
+    engines = [obj for obj in gc.get_objects() if isinstance(obj, Engine)]
+    for engine in engines:
+        engine.dispose()
+    return len(engines)
+
+
 def pg_online(cluster: tuple[str, str]) -> bool:
     out = subprocess.run(["pg_lsclusters", "--no-header", cluster[0], cluster[1]],
                          capture_output=True, text=True, timeout=30, check=False).stdout
     return "online" in out
+
+
+# --------------------------------------------------------------------------- logs
+
+
+@contextlib.contextmanager
+def quiet_logs(level: str = "error") -> Iterator[io.StringIO]:
+    """tokend's in-process logs into a buffer (JSON, ``level`` and up), restored afterwards."""
+    import logging
+
+    import structlog
+
+    from tokend import logs
+    from tokend.config import LoggingConfig
+
+    root = logging.getLogger()
+    handlers, root_level = root.handlers[:], root.level
+    previous = structlog.get_config()
+    sink = io.StringIO()
+    logs.configure(LoggingConfig(format="json", level=level), stream=sink)
+    try:
+        yield sink
+    finally:
+        structlog.configure(**previous)
+        root.handlers[:] = handlers
+        root.setLevel(root_level)
 
 
 # --------------------------------------------------------------------------- time
@@ -362,8 +416,8 @@ class Clock:
             self._now = moment
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------- scripted HTTP
@@ -421,8 +475,14 @@ class ScriptedServer:
 
             do_GET = do_POST
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], OSError):  # clients hanging up: normal
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever,
                                        kwargs={"poll_interval": 0.05}, daemon=True)
 

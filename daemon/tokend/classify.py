@@ -123,6 +123,8 @@ def _clean_text(value: object, redact: Iterable[str]) -> str | None:
     for secret in redact:
         if len(secret) >= 4:
             text = text.replace(secret, _REDACTED)
+    # Lone surrogates (JSON "\ud800") cannot be encoded for a log line or a database.
+    text = text.encode("utf-8", "replace").decode("utf-8")
     text = " ".join(_CONTROL.sub(" ", text).split())
     if len(text) > MAX_TEXT:
         text = text[: MAX_TEXT - 1] + "…"

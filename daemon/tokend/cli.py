@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args, Config())
         return handler(args, load_config(args.config))
     except TokendError as exc:
-        print(f"tokend: {exc}", file=sys.stderr)
+        # One line, whatever the message carries (scripts and journald read this).
+        print("tokend: " + " ".join(str(exc).splitlines()), file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

@@ -45,6 +45,10 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
         password = parts.password
     except ValueError:
+        # Unparseable: mask the whole user info rather than risk printing a password.
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:
+            return f"{scheme}://********@{rest.rsplit('@', 1)[1]}"
         return url
     if password:
         url = url.replace(f":{password}@", ":********@", 1)
@@ -239,7 +243,17 @@ class _EnvValue(str):
     """A string from the environment; coerced to the key's type when read."""
 
 
+def _check_names(table: dict[str, Any], where: str = "") -> None:
+    """Key names end up in one-line messages, metric labels and CLI arguments."""
+    for key, value in table.items():
+        if not key.isprintable():
+            raise ConfigError(f"{where or 'config'}: invalid key name {key!r}")
+        if isinstance(value, dict):
+            _check_names(value, f"{where}.{key}" if where else key)
+
+
 def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> Config:
+    _check_names(raw)
     for section in raw:
         if section not in _SECTIONS and section != "clients":
             raise ConfigError(f"unknown section [{section}]")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,6 +22,7 @@ _FIELDS = {
     "obtained_at", "refresh_expires_at", "user_id", "tenant_id", "token_type", "consented_at",
 }
 MAX_EXPIRES_IN = 10 * 365 * 86400
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)  # before this a token time is a mistake
 LATEST = datetime(9000, 1, 1, tzinfo=UTC)  # after this date arithmetic would overflow
 
@@ -35,6 +37,8 @@ def parse_records(text: str) -> list[Any]:
         except json.JSONDecodeError as exc:
             raise InputError(f"import: not valid JSON: {exc.msg} at line {exc.lineno} "
                              f"column {exc.colno}") from None
+        except (RecursionError, ValueError) as exc:  # nesting too deep, integer too long
+            raise InputError(f"import: unusable JSON: {_reason(exc)}") from None
         if not isinstance(data, list):
             raise InputError("import: expected a JSON array of objects")
         return data
@@ -46,7 +50,15 @@ def parse_records(text: str) -> list[Any]:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise InputError(f"import: line {number} is not valid JSON: {exc.msg}") from None
+        except (RecursionError, ValueError) as exc:
+            raise InputError(f"import: line {number} is unusable JSON: {_reason(exc)}") from None
     return records
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
 def validate(records: list[Any], config: Config, now: datetime) -> list[NewGrant]:
@@ -81,12 +93,16 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
                 raise InputError(f"{where}: field {key!r} is required")
             return None
         if ids and isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
+            if abs(value) >= 10**255:
+                raise InputError(f"{where}: field {key!r} is too long")
+            value = str(value)
         if not isinstance(value, str) or not value.strip():
             kind = "a non-empty string or integer" if ids else "a non-empty string"
             raise InputError(f"{where}: field {key!r} must be {kind}")
         if len(value) > (255 if ids else 16384):
             raise InputError(f"{where}: field {key!r} is too long")
+        if _CONTROL.search(value):
+            raise InputError(f"{where}: field {key!r} contains control characters")
         return value.strip() if ids else value
 
     def moment(key: str) -> datetime | None:

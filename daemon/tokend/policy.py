@@ -90,7 +90,9 @@ def backoff(failures: int, s: ScheduleConfig, *, retry_after: float | None = Non
         base = s.retry_max
     else:
         exponent = min(max(failures - 1, 0), 32)
-        base = min(s.interval * (2**exponent), s.retry_max)
+        # In seconds: interval * 2**32 overflows timedelta for long intervals.
+        seconds = min(s.interval.total_seconds() * 2**exponent, s.retry_max.total_seconds())
+        base = timedelta(seconds=seconds)
     delay = base * (0.5 + 0.5 * min(max(rand, 0.0), 1.0))
     if retry_after is not None and retry_after > 0:
         delay = max(delay, timedelta(seconds=retry_after))
@@ -124,10 +126,15 @@ def after_success(grant: Grant, resp: TokenResponse, now: datetime, s: ScheduleC
     )
     status, reason = lifecycle(updated, now, s)
     updated = replace(updated, status=status, reason=reason)
+    # Not before the next pass: a token living less than a pass's turnaround must not
+    # be claimed again (and again) within the same pass.
+    next_at = next_attempt(updated, now, s)
+    if next_at is not None:
+        next_at = max(next_at, now + s.interval)
     return Outcome(
         status=status,
         reason=reason,
-        next_attempt_at=next_attempt(updated, now, s),
+        next_attempt_at=next_at,
         failure_count=0,
         last_error=None,
         in_doubt=False,
@@ -154,7 +161,8 @@ def after_failure(grant: Grant, err: ProviderError, now: datetime, s: ScheduleCo
         else:
             reason = err.error if err.error in PERMANENT_REASONS else "invalid_grant"
         return Outcome(status=Status.RECONSENT_REQUIRED, reason=reason, next_attempt_at=None,
-                       failure_count=failures, last_error=err.summary(), in_doubt=False)
+                       failure_count=failures, last_error=_bounded(err.summary()),
+                       in_doubt=False)
     kind = err.kind if err.kind is not ErrorKind.PERMANENT else ErrorKind.CLIENT
     delay = backoff(failures, s, retry_after=err.retry_after, rand=rand, kind=kind)
     status, current = lifecycle(grant, now, s)
@@ -162,7 +170,15 @@ def after_failure(grant: Grant, err: ProviderError, now: datetime, s: ScheduleCo
     if status == Status.RECONSENT_REQUIRED:
         next_at = None
     return Outcome(status=status, reason=current, next_attempt_at=next_at,
-                   failure_count=failures, last_error=err.summary(), in_doubt=in_doubt)
+                   failure_count=failures, last_error=_bounded(err.summary()),
+                   in_doubt=in_doubt)
+
+
+LAST_ERROR_MAX = 500  # the column's width
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= LAST_ERROR_MAX else text[:LAST_ERROR_MAX - 1] + "…"
 
 
 def event_for(old: Status, new: Status) -> str | None:
