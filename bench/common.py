@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import shutil
@@ -215,27 +216,39 @@ class ChildResult:
     log: Path
 
 
+# Runs the command and writes its rusage. Why a launcher: Linux carries a process's peak
+# RSS across exec(), so a child forked from this (large) benchmark process would report
+# at least OUR resident size as its ru_maxrss. The launcher is small; what its child
+# reports (RUSAGE_CHILDREN) is the command's own peak.
+_LAUNCHER = """
+import json, resource, subprocess, sys, time
+t0 = time.monotonic()
+code = subprocess.call(sys.argv[2:])
+wall = time.monotonic() - t0
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "wall": wall, "cpu": ru.ru_utime + ru.ru_stime,
+               "maxrss_kb": ru.ru_maxrss}, f)
+"""
+
+
 def run_child(cmd: Sequence[str], *, log: Path, timeout: float,
               env: dict[str, str] | None = None) -> ChildResult:
-    """Run a command to completion; wall time, CPU and peak RSS of exactly that child."""
+    """Run a command to completion: its exit code, wall time, CPU and peak RSS."""
+    report = log.with_suffix(".rusage.json")
     with open(log, "w") as out:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-        deadline = t0 + timeout
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise TimeoutError(f"{cmd[0]} did not finish within {timeout}s (log: {log})")
-            time.sleep(0.02)
-        wall = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return ChildResult(proc.returncode, wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024,
-                       log)
+        proc = subprocess.Popen([PY, "-c", _LAUNCHER, str(report), *cmd], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                start_new_session=True)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimeoutError(f"{cmd[0]} did not finish within {timeout}s (log: {log})") \
+                from None
+    r = json.loads(report.read_text())
+    return ChildResult(r["code"], r["wall"], r["cpu"], r["maxrss_kb"] / 1024, log)
 
 
 def tokend_cmd(config: Path, *args: str) -> list[str]:
@@ -245,22 +258,28 @@ def tokend_cmd(config: Path, *args: str) -> list[str]:
 # ---------------------------------------------------------------------- databases
 
 
-def pg_available() -> bool:
+def pg_available(wait: float = 30.0) -> bool:
+    """Reachable now or within ``wait`` seconds (other suites restart the server)."""
     from sqlalchemy import create_engine
 
-    try:
-        engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-        return True
-    except Exception:
-        return False
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            engine.dispose()
+            return True
+        except Exception:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
 
 
 def _pg_admin(sql: str) -> None:
     from sqlalchemy import create_engine
 
+    pg_available(wait=120.0)
     engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(text(sql))
@@ -284,7 +303,10 @@ def database(backend: str, name: str, workdir: Path) -> Iterator[str]:
     try:
         yield f"{base}/{db}"
     finally:
-        _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        try:
+            _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+        except Exception as exc:
+            print(f"warning: could not drop database {db}: {exc}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -395,7 +417,7 @@ def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
                 FROM generate_series(1, :k) AS x,
                 LATERAL (SELECT CASE WHEN (:off + x) % :stride = 0
                     THEN :now - make_interval(secs => (:off + x) % 600 + 1)
-                    ELSE :now + make_interval(secs => 3600 + ((:off + x) * 7919) % 1728000)
+                    ELSE :now + make_interval(secs => 3600 + ((:off + x)::bigint * 7919) % 1728000)
                     END AS t) AS d
             """
         else:

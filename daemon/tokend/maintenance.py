@@ -15,6 +15,7 @@ Each grant is handled inside an error boundary: one grant's failure never ends a
 from __future__ import annotations
 
 import os
+import queue
 import random
 import socket
 import threading
@@ -22,7 +23,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -113,39 +114,46 @@ class Maintenance:
     def _drain(self, result: PassResult) -> None:
         concurrency = self.config.schedule.concurrency
         batch = min(self.config.schedule.batch_size, concurrency * 2)
-        pending: set[Future[str]] = set()
+        # Claimed but unfinished attempts: enough that a worker never waits for the next
+        # claim (the next batch is claimed while `concurrency` more are still queued
+        # behind the running ones), few enough that leases stay short...
+        most = 2 * concurrency + batch - 1
+        if not self.limiter.unlimited:
+            # ...also at the rate limiter's pace: the last one claimed must start well
+            # within its lease, or another replica may take it over and spend its token.
+            fit = int(self.limiter.rate * self.lease.total_seconds() / 2)
+            most = max(1, min(most, fit))
+        # Finished attempts report here: the loop wakes once per finished attempt, in
+        # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
+        finished: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
+        in_flight = 0
         exhausted = False
         try:
             while True:
-                # Claim only what the workers can start soon, so leases stay short.
-                if not exhausted and not self.stop_event.is_set() and len(pending) < concurrency:
-                    claims = self.store.claim_due(self.owner, batch, self.lease)
+                while (not exhausted and not self.stop_event.is_set()
+                       and most - in_flight >= min(batch, most)):
+                    claims = self.store.claim_due(self.owner, min(batch, most - in_flight),
+                                                  self.lease)
                     result.claimed += len(claims)
                     exhausted = not claims
                     for grant in claims:
-                        pending.add(self.pool.submit(self._guarded, grant))
-                if not pending:
+                        self.pool.submit(self._guarded, grant).add_done_callback(finished.put)
+                        in_flight += 1
+                if not in_flight:
                     break
-                done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    outcome = fut.result()
-                    if outcome == "ok":
-                        result.refreshed += 1
-                    elif outcome in ("skipped", "released"):
-                        result.skipped += 1
-                    else:
-                        result.failed += 1
-                        result.failures[outcome] += 1
+                try:
+                    fut = finished.get(timeout=1.0)
+                except queue.Empty:
+                    continue
+                in_flight -= 1
+                _count(result, fut.result())
         finally:
             # A claim error (database down) ends the pass, but what is in flight is
             # finished and saved first.
-            for fut in pending:
-                outcome = fut.result()
-                if outcome == "ok":
-                    result.refreshed += 1
-                elif outcome not in ("skipped", "released"):
-                    result.failed += 1
-                    result.failures[outcome] += 1
+            while in_flight:
+                fut = finished.get()
+                in_flight -= 1
+                _count(result, fut.result())
 
     def _guarded(self, grant: Grant) -> str:
         try:
@@ -277,6 +285,16 @@ class Maintenance:
         return event_payload(name, grant, outcome.status, outcome.reason,
                              outcome.refresh_expires_at or grant.refresh_expires_at,
                              self.store.clock())
+
+
+def _count(result: PassResult, outcome: str) -> None:
+    if outcome == "ok":
+        result.refreshed += 1
+    elif outcome in ("skipped", "released"):
+        result.skipped += 1
+    else:
+        result.failed += 1
+        result.failures[outcome] += 1
 
 
 def event_payload(name: str, grant: Grant, status: Status, reason: str | None,
