@@ -287,3 +287,20 @@ def test_stop_releases_unstarted_grants(env: Env) -> None:
     result = m.run_pass()
     assert result.claimed == 0  # a stopped engine claims nothing
     assert all(g.lease_owner is None for g in env.grants())
+
+
+def test_a_wrong_key_leaves_the_grant_alone(env: Env) -> None:
+    from tokend.config import Secret
+    from tokend.crypto import Cipher, generate_key
+
+    env.seed(1)
+    wrong = Store(env.store.engine, Cipher((Secret(generate_key()),)))
+    result = env.engine(wrong).run_pass()
+    assert result.failures == {"internal": 1}
+    assert env.fake.stats()["token_requests"] == 0
+    [g] = env.grants()
+    assert g.status == Status.OK and g.lease_owner is None and not g.in_doubt
+    assert g.last_error is not None and "cannot decrypt the tokens of grant" in g.last_error
+    assert g.next_attempt_at is not None
+    assert g.next_attempt_at > datetime.now(UTC) + timedelta(minutes=14)
+    assert env.engine().run_pass().claimed == 0  # not retried before retry_max

@@ -31,7 +31,7 @@ from typing import Any
 from . import logs, policy
 from .classify import TokenResponse
 from .config import ClientConfig, Config
-from .errors import ErrorKind, ProviderError, StoreError
+from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
 from .model import Grant, GrantType, Outcome, Status
 from .provider import ProviderClient
@@ -186,7 +186,18 @@ class Maintenance:
                                   last_error=grant.last_error, in_doubt=grant.in_doubt)
                 self._save(grant, outcome)
                 return "skipped"
-        _access, refresh = self.store.tokens(grant)
+        try:
+            _access, refresh = self.store.tokens(grant)
+        except DecryptError as exc:
+            # The operator's key is wrong or missing: nothing was sent, nothing is lost.
+            # Keep the grant as it is and look again after retry_max.
+            log.error("grant_undecryptable", grant_id=grant.id, client=grant.client,
+                      error=str(exc))
+            self._save(grant, Outcome(
+                status=grant.status, reason=grant.reason,
+                next_attempt_at=now + s.retry_max, failure_count=grant.failure_count + 1,
+                last_error=str(exc)[:500], in_doubt=grant.in_doubt))
+            return "internal"
         if not is_cc and refresh is None:
             outcome = Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
                               next_attempt_at=None, failure_count=grant.failure_count,
