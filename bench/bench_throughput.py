@@ -108,7 +108,7 @@ def main() -> None:
     args = parse_args(__doc__)
     quick = args.quick
     n_main = 1000 if quick else 5000
-    n_rate = 500 if quick else 3000
+    n_rate = 1000 if quick else 3000
     rounds = 1 if quick else 3
     per_c = 20 if quick else 100  # grants per unit of concurrency in the sweep (~5 s each)
     ideal = 16 / LATENCY
