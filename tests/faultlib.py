@@ -33,13 +33,15 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import requests
 from sqlalchemy import Engine, create_engine, text
+
+from tokend.fake_provider import ManualClock
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -395,25 +397,8 @@ def quiet_logs(level: str = "error") -> Iterator[io.StringIO]:
 # --------------------------------------------------------------------------- time
 
 
-class Clock:
-    """A settable aware-UTC clock shared by the fake, the store and the provider client."""
-
-    def __init__(self, start: datetime) -> None:
-        self._now = start
-        self._lock = threading.Lock()
-
-    def __call__(self) -> datetime:
-        with self._lock:
-            return self._now
-
-    def advance(self, delta: timedelta) -> datetime:
-        with self._lock:
-            self._now += delta
-            return self._now
-
-    def set(self, moment: datetime) -> None:
-        with self._lock:
-            self._now = moment
+# The fake's settable clock, shared by the fake, the store and the provider client.
+Clock = ManualClock
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
