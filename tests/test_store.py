@@ -271,3 +271,18 @@ def test_unreachable_database_is_a_store_error(tmp_path: Path) -> None:
               Cipher((Secret(generate_key()),)))
     with pytest.raises(StoreError, match="database"):
         s.claim_due("x", 1, timedelta(minutes=1))
+
+
+def test_disable_during_an_attempt_is_kept(store: Store) -> None:
+    store.insert_grants([new(1)], due_now)
+    [g] = store.claim_due("me", 1, timedelta(minutes=5))
+    store.set_status(g.id, Status.DISABLED, "operator", None)  # the operator, meanwhile
+    ok = Outcome(status=Status.OK, reason=None, next_attempt_at=NOW + timedelta(hours=3),
+                 failure_count=0, last_error=None, in_doubt=False, access_token="access-2",
+                 refresh_token="refresh-2", access_expires_at=NOW + timedelta(days=1),
+                 refresh_expires_at=NOW + timedelta(days=31), obtained_at=NOW)
+    assert store.save(g, ok, "me")
+    saved = store.get(g.id, with_tokens=True)
+    assert (saved.status, saved.reason, saved.next_attempt_at) == (Status.DISABLED, "operator",
+                                                                   None)
+    assert store.tokens(saved) == ("access-2", "refresh-2")  # the rotated token is kept

@@ -29,6 +29,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -630,9 +631,17 @@ def _save_statement(success: bool, new_refresh: bool) -> Any:
         return bindparam(f"p_{column}", type_=G.c[column].type)
 
     values: dict[str, Any] = {
-        name: p(name) for name in ("status", "reason", "next_attempt_at", "failure_count",
-                                   "last_error", "in_doubt", "updated_at")
+        name: p(name) for name in ("failure_count", "last_error", "in_doubt", "updated_at")
     }
+    # An operator who disabled the grant while its refresh was in flight keeps it
+    # disabled (the new tokens are saved all the same). SQL evaluates these against the
+    # row as it was, on both backends.
+    paused = G.c.status == Status.DISABLED.value
+    values.update(
+        status=case((paused, G.c.status), else_=p("status")),
+        reason=case((paused, G.c.reason), else_=p("reason")),
+        next_attempt_at=case((paused, None), else_=p("next_attempt_at")),
+    )
     values.update(lease_owner=None, lease_expires_at=None)
     if success:
         values.update({name: p(name) for name in ("access_token", "access_expires_at",
