@@ -354,6 +354,9 @@ def write_config(directory: Path, db_url: str, *, token_url: str, rate_limit: fl
         format = "json"
         level = "{level}"
 
+        [state]
+        dir = "{path.parent / 'state'}"
+
         [encryption]
         key_file = "{key}"
         """))

@@ -136,6 +136,9 @@ def write_config(tmp_path: Path, db_url: str, *, fake: FakeJustimmo | None = Non
         format = "json"
         level = "info"
 
+        [state]
+        dir = "{tmp_path / 'state'}"
+
         [encryption]
         key_file = "{key_file or tmp_path / 'tokend-key'}"
         """) + extra)

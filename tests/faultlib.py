@@ -271,6 +271,9 @@ def write_config(path: Path, *, db_url: str, token_url: str, key_file: Path,
         format = "json"
         level = "{level}"
 
+        [state]
+        dir = "{path.parent / 'state'}"
+
         [encryption]
         key_file = "{key_file}"
         """))

@@ -286,3 +286,60 @@ def test_disable_during_an_attempt_is_kept(store: Store) -> None:
     assert (saved.status, saved.reason, saved.next_attempt_at) == (Status.DISABLED, "operator",
                                                                    None)
     assert store.tokens(saved) == ("access-2", "refresh-2")  # the rotated token is kept
+
+
+def test_ids_are_never_reused(store: Store) -> None:
+    """A refresh of a deleted grant still in flight must never land in a new one: its
+    save is guarded by the id, so a new grant never gets a deleted grant's id."""
+    first, newest = store.insert_grants([new(1), new(2)], not_due)
+    claimed = store.get(newest, with_tokens=True)
+    store.delete(newest)
+    [imported] = store.insert_grants([new(3)], not_due)
+    assert imported not in (first, newest)
+    # the deleted grant's in-flight refresh finishes now: its save must find nothing
+    outcome = Outcome(status=Status.OK, reason=None, next_attempt_at=NOW, failure_count=0,
+                      last_error=None, in_doubt=False, access_token="spent-access",
+                      refresh_token="rotated-for-the-deleted-user", access_expires_at=NOW,
+                      refresh_expires_at=NOW, obtained_at=NOW)
+    assert store.save(claimed, outcome, "someone") is False
+    assert store.tokens(store.get(imported, with_tokens=True))[1] == "def50200refresh-3-secret"
+    # single inserts (the client-credentials rows) skip deleted ids as well
+    store.delete(imported)
+    assert store.ensure_client_credentials(["main"]) == ["main"]
+    [cc] = [g.id for g in store.iter_grants(client="main")
+            if g.grant_type == "client_credentials"]
+    assert cc > imported
+
+
+def test_migration_0002_keeps_rows_and_stops_id_reuse(tmp_path: Path, key_file: Path) -> None:
+    """An existing SQLite database of revision 0001 is rebuilt with AUTOINCREMENT."""
+    from alembic import command
+
+    from conftest import write_config
+    from tokend.config import load_config
+    from tokend.store import _alembic_config, make_engine, open_store
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = make_engine(url)
+    cfg = _alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with engine.begin() as conn:
+        for gid in (1, 2, 3):
+            conn.execute(text(
+                "INSERT INTO grants (id, client, grant_type, status, failure_count, in_doubt,"
+                " token_version, created_at, updated_at) VALUES (:id, 'main',"
+                " 'authorization_code', 'ok', 0, 0, 0, '2026-01-01T00:00:00Z',"
+                " '2026-01-01T00:00:00Z')"), {"id": gid})
+    engine.dispose()
+    config = load_config(write_config(tmp_path, url, key_file=key_file), env={})
+    store = open_store(config, auto_upgrade=True)
+    try:
+        assert store.revision() == "0002"
+        assert sorted(g.id for g in store.iter_grants()) == [1, 2, 3]
+        store.delete(3)
+        [gid] = store.insert_grants([new(9)], not_due)
+        assert gid == 4
+    finally:
+        store.close()

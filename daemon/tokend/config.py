@@ -137,6 +137,20 @@ class NotifyConfig:
 
 
 @dataclass(frozen=True)
+class StateConfig:
+    """Where tokend keeps what must outlive the process (owner locks, the spool).
+
+    ``dir`` is resolved at load time: ``$STATE_DIRECTORY`` (systemd's
+    ``StateDirectory=``), else ``[state] dir``, else the SQLite file's directory;
+    None with PostgreSQL and neither set (``tokend run`` then refuses to start).
+    ``origin`` says which of those it came from, for ``check-config``.
+    """
+
+    dir: Path | None = None
+    origin: str = "unset"
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = DatabaseConfig()
     provider: ProviderConfig = ProviderConfig()
@@ -146,7 +160,16 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     encryption: EncryptionConfig = EncryptionConfig()
     notify: NotifyConfig = NotifyConfig()
+    state: StateConfig = StateConfig()
     source: Path | None = None
+
+    def state_dir(self) -> Path:
+        """The state directory, or a ConfigError saying how to set one."""
+        if self.state.dir is None:
+            raise ConfigError(
+                "state.dir: required with PostgreSQL outside systemd (set [state] dir, "
+                "or $STATE_DIRECTORY as systemd's StateDirectory= does)")
+        return self.state.dir
 
     def client(self, name: str) -> ClientConfig:
         try:
@@ -175,6 +198,7 @@ _SECTIONS: dict[str, set[str]] = {
     "logging": {"format", "level"},
     "encryption": {"key_file"},
     "notify": {"webhook_url", "webhook_secret", "webhook_secret_file"},
+    "state": {"dir"},
 }
 _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
@@ -340,8 +364,27 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     return Config(
         database=database, provider=provider, clients=clients, schedule=schedule,
         metrics=metrics, logging=logging_cfg, encryption=encryption, notify=notify,
-        source=source,
+        state=_state(r, database, env), source=source,
     )
+
+
+def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> StateConfig:
+    # systemd passes a colon-separated list when StateDirectory= names several.
+    from_env = (env.get("STATE_DIRECTORY") or "").split(":")[0].strip()
+    if from_env:
+        return StateConfig(dir=Path(from_env).absolute(), origin="$STATE_DIRECTORY")
+    configured = r.string("state", "dir", "")
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_absolute() and r.source is not None:
+            path = r.source.parent / path
+        return StateConfig(dir=path.absolute(), origin="[state] dir")
+    if database.is_sqlite:
+        db_path = database.url.split("///", 1)[1] if "///" in database.url else ""
+        if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
+            return StateConfig(dir=Path(db_path).absolute().parent,
+                               origin="the SQLite file's directory")
+    return StateConfig()
 
 
 def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
@@ -629,6 +672,10 @@ def render(config: Config) -> str:
         "[encryption]",
         f"key_file = {q(str(config.encryption.key_file or ''))}"
         f"  # {len(config.encryption.keys)} key(s) loaded", "",
+        "[state]",
+        f"dir = {q(str(config.state.dir or ''))}  # "
+        + (f"from {config.state.origin}" if config.state.dir
+           else "not set: `tokend run` needs it with PostgreSQL"), "",
         "[notify]",
         f"webhook_url = {q(config.notify.webhook_url)}",
         f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}",

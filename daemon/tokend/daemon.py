@@ -16,7 +16,7 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import logs
+from . import logs, state
 from .config import Config
 from .errors import StoreError, TokendError
 from .maintenance import Maintenance, PassResult
@@ -159,6 +159,7 @@ class Daemon:
 
 def run_daemon(config: Config) -> int:
     logs.configure(config.logging)
+    state.prepare(config)
     sd = SystemdNotifier.from_env()
     stop = threading.Event()
 
@@ -209,6 +210,7 @@ def _open_with_retry(config: Config, stop: threading.Event,
 
 def run_once(config: Config) -> int:
     logs.configure(config.logging)
+    state.prepare(config)
     store = open_store(config, pool_size=config.schedule.concurrency + 2)
     daemon = Daemon(config, store)
     try:

@@ -88,7 +88,7 @@ class GrantRow(Base):
     # reconsent_required). A claimed grant's value is its lease expiry, so a crashed
     # attempt comes due again by itself.
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    lease_owner: Mapped[str | None] = mapped_column(String(100))
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # True while a request that may have rotated the refresh token has no known outcome.
     in_doubt: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -109,6 +109,9 @@ class GrantRow(Base):
             sqlite_where=text("grant_type = 'client_credentials'"),
             postgresql_where=text("grant_type = 'client_credentials'"),
         ),
+        # Ids are never reused (migration 0002): a save guarded by the id can never
+        # land in a grant imported after the one it was meant for was deleted.
+        {"sqlite_autoincrement": True},
     )
 
 

@@ -286,8 +286,15 @@ class Store:
                      "FROM generate_series(1, :n)"), {"n": n}
             ).scalars().all()
             return [int(r) for r in rows]
-        # SQLite: the IMMEDIATE transaction holds the write lock, so max(id) is stable.
-        start = conn.execute(select(func.coalesce(func.max(G.c.id), 0))).scalar_one()
+        # SQLite: the IMMEDIATE transaction holds the write lock, so both are stable.
+        # AUTOINCREMENT's sqlite_sequence remembers the highest id ever used, also of a
+        # deleted row: an id is never given twice (a refresh of a deleted grant still
+        # in flight could otherwise be saved into the new one). Inserting explicit ids
+        # moves sqlite_sequence on as well.
+        used = conn.execute(text(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'grants'), 0),"
+            " coalesce((SELECT max(id) FROM grants), 0))")).scalar_one()
+        start = int(used)
         return list(range(start + 1, start + 1 + n))
 
     def _new_row(self, gid: int, new: NewGrant, now: datetime, decide: Decide) -> dict[str, Any]:
