@@ -486,7 +486,8 @@ class Store:
         """Make the client's grants that wait for it (``markers``, see claim_probe) due
         now, in the order ``order`` gives them; leased grants are left alone."""
         now = self.clock()
-        waiting = and_(G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
+        # No IN (...): its expanding parameter cannot be used with executemany().
+        waiting = and_(G.c.client == client, or_(*[G.c.status == s.value for s in ACTIVE]),
                        or_(*[G.c.last_error.startswith(m, autoescape=True) for m in markers]),
                        G.c.lease_owner.is_(None))
         with self.tx() as conn:
