@@ -171,21 +171,22 @@ class Maintenance:
         with self._circuit_lock:
             due = [name for name, c in self.circuits.items() if circuit.probe_due(c, now)]
         probes: list[Future[str]] = []
-        for name in due:
-            if self.stop_event.is_set():
-                break
-            grant = self.store.claim_probe(name, circuit.MARKERS, self.owner, self.lease)
-            if grant is None:
-                with self._circuit_lock:
-                    self.circuits[name] = circuit.nothing_to_probe(self.circuits[name])
-                continue
-            result.claimed += 1
-            self._probes.add(grant.id)
-            probes.append(self.pool.submit(self._guarded, grant))
         try:
+            for name in due:
+                if self.stop_event.is_set():
+                    break
+                grant = self.store.claim_probe(name, circuit.MARKERS, self.owner, self.lease)
+                if grant is None:
+                    with self._circuit_lock:
+                        self.circuits[name] = circuit.nothing_to_probe(self.circuits[name])
+                    continue
+                result.claimed += 1
+                self._probes.add(grant.id)
+                probes.append(self.pool.submit(self._guarded, grant))
+        finally:
+            # A claim error ends the pass, but the probes sent are judged first.
             for fut in probes:
                 _count(result, fut.result())
-        finally:
             self._probes.clear()
 
     def _guarded(self, grant: Grant) -> str:
