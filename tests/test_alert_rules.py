@@ -33,6 +33,7 @@ METRICS = {
     "tokend_notifications_total",
     "tokend_build_info",
     "tokend_schedule_interval_seconds",
+    "tokend_client_blocked",  # DESIGN.md's names for the next capabilities
 }
 HISTOGRAMS = {"tokend_refresh_duration_seconds", "tokend_pass_duration_seconds"}
 ALERTS = {

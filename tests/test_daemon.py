@@ -129,6 +129,7 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
             assert 'tokend_refresh_attempts_total{client="main",grant_type="client_credentials"} 1.0' \
                 in body
             assert 'tokend_due_grants{client="main"} 0.0' in body
+            assert 'tokend_client_blocked{client="main"} 0.0' in body
             assert 'tokend_build_info{version="0.1.0"} 1.0' in body
             health = requests.get(f"{base}/healthz", timeout=5)
             ready = requests.get(f"{base}/readyz", timeout=5)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import logs, policy
+from . import circuit, logs, policy
 from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
@@ -85,6 +85,12 @@ class Maintenance:
                                        thread_name_prefix="tokend-refresh")
         self.pass_running = threading.Event()
         self.pass_started: float | None = None
+        # One circuit per client (tokend.circuit); a new process starts them unknown.
+        self.circuits: dict[str, circuit.Circuit] = {
+            name: circuit.Circuit() for name in config.clients}
+        self._circuit_lock = threading.Lock()
+        self._probes: set[int] = set()  # ids of the grants now probing their client
+        self._unreleased: set[str] = set()  # closed circuits whose release failed
 
     def stop(self) -> None:
         """Stop claiming; attempts in flight finish and are saved."""
@@ -104,6 +110,7 @@ class Maintenance:
         try:
             cc = [c.name for c in self.config.clients.values() if c.client_credentials]
             self.store.ensure_client_credentials(cc)
+            self._probe(result)
             self._drain(result)
         finally:
             result.duration = time.monotonic() - started
@@ -155,6 +162,33 @@ class Maintenance:
                 in_flight -= 1
                 _count(result, fut.result())
 
+    def _probe(self, result: PassResult) -> None:
+        """Before anything else is claimed: one probe for each client whose circuit asks
+        for one (all of them at start-up, an open one once per backoff step)."""
+        for name in sorted(self._unreleased):
+            self._release_held(name, was_blocked=False)
+        now = self.store.clock()
+        with self._circuit_lock:
+            due = [name for name, c in self.circuits.items() if circuit.probe_due(c, now)]
+        probes: list[Future[str]] = []
+        try:
+            for name in due:
+                if self.stop_event.is_set():
+                    break
+                grant = self.store.claim_probe(name, circuit.MARKERS, self.owner, self.lease)
+                if grant is None:
+                    with self._circuit_lock:
+                        self.circuits[name] = circuit.nothing_to_probe(self.circuits[name])
+                    continue
+                result.claimed += 1
+                self._probes.add(grant.id)
+                probes.append(self.pool.submit(self._guarded, grant))
+        finally:
+            # A claim error ends the pass, but the probes sent are judged first.
+            for fut in probes:
+                _count(result, fut.result())
+            self._probes.clear()
+
     def _guarded(self, grant: Grant) -> str:
         try:
             return self.attempt(grant)
@@ -166,7 +200,8 @@ class Maintenance:
     # ------------------------------------------------------------------ one grant
 
     def attempt(self, grant: Grant) -> str:
-        """Handle one claimed grant; returns "ok", "skipped", "released" or an error kind."""
+        """Handle one claimed grant; returns "ok", "skipped", "released", "held" or an
+        error kind."""
         s = self.config.schedule
         now = self.store.clock()
         client = self.config.clients.get(grant.client)
@@ -204,6 +239,9 @@ class Maintenance:
                               last_error="no refresh token stored", in_doubt=False)
             self._save(grant, outcome)
             return "permanent"
+        if grant.id not in self._probes and not self._admits(grant.client):
+            held = (grant.status, grant.reason) if is_cc else (status, reason)
+            return self._hold(grant, held, now)
         if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
             self._release(grant)
             return "released"
@@ -226,6 +264,7 @@ class Maintenance:
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
         saved = self._save(grant, outcome, must=True)
+        self._judge(grant, None)
         log.info("refreshed", grant_id=grant.id, client=grant.client,
                  grant_type=grant.grant_type, outcome="ok", status=outcome.status.value,
                  rotated=outcome.refresh_token is not None,
@@ -247,12 +286,64 @@ class Maintenance:
             http_status=err.status, hint=err.hint, status=outcome.status.value,
             reason=outcome.reason, failures=outcome.failure_count,
             in_doubt=outcome.in_doubt, next_due=_iso(outcome.next_attempt_at))
-        if err.kind is ErrorKind.CLIENT and client is not None:
-            log.error("client_authentication_failed", client=grant.client,
-                      detail="the client's id/secret or auth_method is wrong; grants are NOT "
-                             "flagged for re-consent, attempts continue slowly")
         self._save(grant, outcome)
+        if client is not None:
+            self._judge(grant, err)
         return kind
+
+    # ------------------------------------------------------------------ the client's circuit
+
+    def _admits(self, client: str) -> bool:
+        with self._circuit_lock:
+            return circuit.admits(self.circuits.get(client, circuit.Circuit()))
+
+    def _hold(self, grant: Grant, status: tuple[Status, str | None], now: datetime) -> str:
+        """Give a grant of a blocked client back unsent; not a failure of the grant."""
+        self._save(grant, Outcome(
+            status=status[0], reason=status[1],
+            next_attempt_at=circuit.hold_until(grant, now, self.config.schedule),
+            failure_count=grant.failure_count, last_error=circuit.HELD,
+            in_doubt=grant.in_doubt))
+        return "held"
+
+    def _judge(self, grant: Grant, err: ProviderError | None) -> None:
+        """Update the grant's client circuit with the answer to its attempt."""
+        name = grant.client
+        with self._circuit_lock:
+            old = self.circuits.get(name, circuit.Circuit())
+            new = circuit.after(old, circuit.verdict(err), self.store.clock(),
+                                self.config.schedule, probe=grant.id in self._probes,
+                                rand=self.rand())
+            self.circuits[name] = new
+        if new == old:
+            return
+        self.metrics.client_blocked(name, new.blocked)
+        if circuit.opened(old, new):
+            log.error("client_authentication_failed", client=name, circuit="open",
+                      next_probe=_iso(new.next_probe_at),
+                      detail="the provider refuses the client's id/secret or auth_method; "
+                             "its grants are NOT flagged for re-consent and are not sent; "
+                             "one probe per backoff step until it is accepted")
+        elif new.blocked:
+            log.warning("client_probe_refused", client=name, refusals=new.refusals,
+                        next_probe=_iso(new.next_probe_at))
+        elif circuit.closed(old, new):
+            self._release_held(name, was_blocked=old.blocked)
+
+    def _release_held(self, name: str, *, was_blocked: bool) -> None:
+        """The client is accepted: its grants that waited for it are due at once."""
+        try:
+            released = self.store.release_held(name, circuit.MARKERS, circuit.release_order)
+        except StoreError as exc:  # tried again at the start of the next pass
+            self._unreleased.add(name)
+            log.error("client_release_failed", client=name, error=str(exc))
+            return
+        self._unreleased.discard(name)
+        if was_blocked or released:
+            log.warning("client_authentication_restored", client=name, circuit="closed",
+                        released=released,
+                        detail="the provider accepts the client again; its waiting grants "
+                               "are due now, earliest access-token expiry first")
 
     # ------------------------------------------------------------------ saving
 
@@ -301,7 +392,7 @@ class Maintenance:
 def _count(result: PassResult, outcome: str) -> None:
     if outcome == "ok":
         result.refreshed += 1
-    elif outcome in ("skipped", "released"):
+    elif outcome in ("skipped", "released", "held"):
         result.skipped += 1
     else:
         result.failed += 1

@@ -57,6 +57,10 @@ class Metrics:
                                        "End of the last successful pass (unix time).", registry=r)
         self.notifications = Counter("tokend_notifications", "Webhook deliveries.",
                                      ["event", "outcome"], registry=r)
+        self.client_blocked_gauge = Gauge(
+            "tokend_client_blocked",
+            "1 while the provider refuses the client's credentials (its circuit is open).",
+            ["client"], registry=r)
         self.build_info = Gauge("tokend_build_info", "tokend version.", ["version"], registry=r)
         self.interval = Gauge("tokend_schedule_interval_seconds",
                               "Configured interval between passes.", registry=r)
@@ -85,10 +89,14 @@ class Metrics:
             self.access_earliest.labels(name).set(0)
             self.refresh_earliest.labels(name).set(0)
             self.due.labels(name).set(0)
+            self.client_blocked_gauge.labels(name).set(0)
 
     def attempt(self, client: str, grant_type: str, seconds: float) -> None:
         self.attempts.labels(client, grant_type).inc()
         self.duration.labels(client, grant_type).observe(seconds)
+
+    def client_blocked(self, client: str, blocked: bool) -> None:
+        self.client_blocked_gauge.labels(client).set(1 if blocked else 0)
 
     def failure(self, client: str, grant_type: str, kind: str, error: str) -> None:
         self.failures.labels(client, grant_type, kind, error).inc()

@@ -452,6 +452,55 @@ class Store:
             for g in grants
         ]
 
+    def claim_probe(self, client: str, markers: Sequence[str], owner: str,
+                    lease: timedelta) -> Grant | None:
+        """Lease the client's earliest-expiring grant that is due, or that waits for the
+        client (``last_error`` starts with one of ``markers``), to probe the client with.
+
+        Once per probe step and client: walks the client's rows, not the due index.
+        """
+        now = self.clock()
+        until = now + lease
+        waiting = and_(or_(*[G.c.last_error.startswith(m, autoescape=True) for m in markers]),
+                       G.c.lease_owner.is_(None))
+        q = (self._select(with_tokens=True)
+             .where(G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
+                    or_(G.c.next_attempt_at <= now, waiting))
+             .order_by(G.c.access_expires_at.is_(None).desc(), G.c.access_expires_at, G.c.id)
+             .limit(1))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.tx() as conn:
+            row = conn.execute(q).first()
+            if row is None:
+                return None
+            conn.execute(_CLAIM_UPDATE, {"ids": [row._mapping["id"]], "c_owner": owner,
+                                         "c_until": until, "c_next": until})
+        g = self._grant(row, with_tokens=True)
+        return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
+                              lease_owner=owner, lease_expires_at=until)
+
+    def release_held(self, client: str, markers: Sequence[str],
+                     order: Callable[[Sequence[tuple[int, datetime | None]], datetime],
+                                     list[tuple[int, datetime]]]) -> int:
+        """Make the client's grants that wait for it (``markers``, see claim_probe) due
+        now, in the order ``order`` gives them; leased grants are left alone."""
+        now = self.clock()
+        # No IN (...): its expanding parameter cannot be used with executemany().
+        waiting = and_(G.c.client == client, or_(*[G.c.status == s.value for s in ACTIVE]),
+                       or_(*[G.c.last_error.startswith(m, autoescape=True) for m in markers]),
+                       G.c.lease_owner.is_(None))
+        with self.tx() as conn:
+            held = [(r[0], r[1]) for r in conn.execute(
+                select(G.c.id, G.c.access_expires_at).where(waiting)).all()]
+            if not held:
+                return 0
+            # Still waiting when written (a replica may have refreshed one meanwhile).
+            stmt = update(G).where(G.c.id == bindparam("r_id"), waiting).values(
+                next_attempt_at=bindparam("r_at", type_=G.c.next_attempt_at.type))
+            conn.execute(stmt, [{"r_id": gid, "r_at": at} for gid, at in order(held, now)])
+        return len(held)
+
     def save(self, grant: Grant, outcome: Outcome, owner: str,
              event: dict[str, Any] | None = None) -> bool:
         """Write one attempt's outcome (and its notification) in one short transaction.
