@@ -22,6 +22,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import (
     Connection,
     Engine,
@@ -45,7 +46,7 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 from .config import Config
 from .crypto import Cipher, cipher_for
-from .errors import GrantNotFound, StoreError
+from .errors import GrantNotFound, SchemaError, StoreError
 from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status
 from .schema import EventRow, GrantRow
 
@@ -189,6 +190,7 @@ class Store:
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after)."""
         before = self.revision()
+        self._refuse_unknown(before)
         cfg = _alembic_config()
         try:
             with self.engine.begin() as conn:
@@ -206,13 +208,26 @@ class Store:
             raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
         if current == self.head():
             return
+        self._refuse_unknown(current)
         if auto_upgrade or (current is None and self.dialect == "sqlite"):
             self.upgrade()
             return
-        raise StoreError(
+        raise SchemaError(
             f"database schema is at {current or 'nothing'}, expected {self.head()}: "
             "run `tokend db upgrade`"
         )
+
+    def _refuse_unknown(self, current: str | None) -> None:
+        """A revision this tokend has no migration for was written by a newer tokend."""
+        if current is None:
+            return
+        try:
+            ScriptDirectory.from_config(_alembic_config()).get_revision(current)
+        except CommandError:
+            raise SchemaError(
+                f"database schema is at {current}, newer than this tokend (which knows up "
+                f"to {self.head()}): upgrade tokend on this host"
+            ) from None
 
     # ------------------------------------------------------------------ reading
 
