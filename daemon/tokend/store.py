@@ -26,6 +26,7 @@ from alembic.util import CommandError
 from sqlalchemy import (
     Connection,
     Engine,
+    Interval,
     Select,
     Table,
     and_,
@@ -385,10 +386,18 @@ class Store:
 
     def set_status(self, grant_id: int, status: Status, reason: str | None,
                    next_attempt_at: datetime | None) -> Grant:
+        """An operator's change. ``next_attempt_at`` never moves before a live lease: a
+        grant whose refresh is in flight (e.g. enabled meanwhile) stays leased to its
+        claimer, whose save then sets the next attempt."""
+        when: Any = next_attempt_at
+        if next_attempt_at is not None:
+            live = and_(G.c.lease_owner.isnot(None), G.c.lease_expires_at > self._lease_now(),
+                        G.c.lease_expires_at > next_attempt_at)
+            when = case((live, G.c.lease_expires_at), else_=next_attempt_at)
         with self.tx() as conn:
             result = conn.execute(
                 update(G).where(G.c.id == grant_id).values(
-                    status=status.value, reason=reason, next_attempt_at=next_attempt_at,
+                    status=status.value, reason=reason, next_attempt_at=when,
                     failure_count=0, updated_at=self.clock(),
                 )
             )
@@ -436,7 +445,9 @@ class Store:
         rows, so its cost does not grow with the table.
         """
         q = (self._select(with_tokens=True)
-             .where(G.c.next_attempt_at <= now)
+             .where(G.c.next_attempt_at <= now,
+                    or_(G.c.lease_expires_at.is_(None),
+                        G.c.lease_expires_at <= self._lease_now(now)))
              .order_by(G.c.next_attempt_at)
              .limit(limit))
         if self.dialect == "postgresql":
@@ -449,6 +460,12 @@ class Store:
         The lease expiry becomes the grant's next_attempt_at, so nobody else sees it as
         due until the lease runs out. A grant still leased to someone whose lease expired
         had an attempt in flight: it is marked in doubt (the token may have rotated).
+
+        On PostgreSQL a lease (and so the claimed grant's next_attempt_at) is counted
+        and compared by the database's clock (``now()`` of the claiming transaction),
+        the one clock all replicas share: a replica whose clock runs ahead cannot take
+        over leases that are still live. Whether a grant is due (``next_attempt_at <=
+        now``) is judged by the injected clock on both backends.
         """
         now = self.clock()
         until = now + lease
@@ -457,15 +474,40 @@ class Store:
             rows = conn.execute(self.claim_query(now, limit)).all()
             if not rows:
                 return []
-            conn.execute(_CLAIM_UPDATE, {"ids": [r._mapping["id"] for r in rows],
-                                         "c_owner": owner, "c_until": until,
-                                         "c_next": until})
+            conn.execute(_claim_update(self.dialect),
+                         {"ids": [r._mapping["id"] for r in rows], "c_owner": owner,
+                          "c_until": until, "c_lease": lease})
         grants = [self._grant(r, with_tokens=True) for r in rows]
         return [
             _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
                            lease_owner=owner, lease_expires_at=until)
             for g in grants
         ]
+
+    def _lease_now(self, now: datetime | None = None) -> Any:
+        """The clock leases are compared with: the database's on PostgreSQL."""
+        if self.dialect == "postgresql":
+            return func.now()
+        return now if now is not None else self.clock()
+
+    def expire_leases_of(self, owners: Sequence[str]) -> int:
+        """End the leases of owners known to be gone (see :mod:`tokend.owners`) now.
+
+        Their grants are due at once; ``lease_owner`` is kept, so the next claim marks
+        them in doubt. A grant without a next attempt (disabled meanwhile) stays so.
+        """
+        if not owners:
+            return 0
+        now = self.clock()
+        with self.tx() as conn:
+            return int(conn.execute(
+                update(G).where(G.c.lease_owner.in_(list(owners)),
+                                G.c.next_attempt_at.isnot(None)).values(
+                    next_attempt_at=case((G.c.next_attempt_at > now, now),
+                                         else_=G.c.next_attempt_at),
+                    lease_expires_at=self._lease_now(now),
+                )
+            ).rowcount)
 
     def save(self, grant: Grant, outcome: Outcome, owner: str,
              event: dict[str, Any] | None = None) -> bool:
@@ -629,12 +671,29 @@ class Store:
                 last = rows[-1][0]
 
 
-_CLAIM_UPDATE = update(G).where(G.c.id.in_(bindparam("ids", expanding=True))).values(
-    in_doubt=or_(G.c.in_doubt, G.c.lease_owner.isnot(None)),
-    lease_owner=bindparam("c_owner", type_=G.c.lease_owner.type),
-    lease_expires_at=bindparam("c_until", type_=G.c.lease_expires_at.type),
-    next_attempt_at=bindparam("c_next", type_=G.c.next_attempt_at.type),
-)
+def _claim_statement(dialect: str) -> Any:
+    """The UPDATE of :meth:`Store.claim_due`: on PostgreSQL the lease ends at the
+    database's ``now() + lease``, elsewhere at the injected clock's ``now + lease``."""
+    if dialect == "postgresql":
+        until: Any = func.now() + bindparam("c_lease", type_=Interval())
+    else:
+        until = bindparam("c_until", type_=G.c.lease_expires_at.type)
+    return update(G).where(G.c.id.in_(bindparam("ids", expanding=True))).values(
+        in_doubt=or_(G.c.in_doubt, G.c.lease_owner.isnot(None)),
+        lease_owner=bindparam("c_owner", type_=G.c.lease_owner.type),
+        lease_expires_at=until,
+        next_attempt_at=until,
+    )
+
+
+_CLAIM_STATEMENTS: dict[str, Any] = {}
+
+
+def _claim_update(dialect: str) -> Any:
+    stmt = _CLAIM_STATEMENTS.get(dialect)
+    if stmt is None:
+        stmt = _CLAIM_STATEMENTS[dialect] = _claim_statement(dialect)
+    return stmt
 _SAVE_STATEMENTS: dict[tuple[bool, bool], Any] = {}
 
 
