@@ -243,6 +243,19 @@ def test_enable_of_a_grant_not_leased_makes_it_due_now(
     assert g.id == gid and not g.in_doubt
 
 
+def test_moments_written_by_set_status_and_takeover_sort_like_time(store: Store) -> None:
+    """(SQLite stores ISO text: a moment bound in any other spelling sorts wrongly.)"""
+    later = NOW + timedelta(hours=1)
+    [gid, other] = store.insert_grants([new(1), new(2)], due_now)
+    store.set_status(gid, Status.OK, None, later)
+    assert store.get(gid).next_attempt_at == later
+    [g] = store.claim_due("host:9:dead", 10, timedelta(minutes=2))  # not the later one
+    assert g.id == other
+    store.expire_leases_of(["host:9:dead"])
+    assert store.get(other).next_attempt_at <= store.clock()  # type: ignore[operator]
+    assert [g.id for g in store.claim_due("me", 10, timedelta(minutes=2))] == [other]
+
+
 def test_leases_are_compared_by_the_database_clock(
         db_url: str, make_config: Callable[..., Config],
         store_for: Callable[..., Store]) -> None:

@@ -391,9 +391,10 @@ class Store:
         claimer, whose save then sets the next attempt."""
         when: Any = next_attempt_at
         if next_attempt_at is not None:
+            at = _at(next_attempt_at)
             live = and_(G.c.lease_owner.isnot(None), G.c.lease_expires_at > self._lease_now(),
-                        G.c.lease_expires_at > next_attempt_at)
-            when = case((live, G.c.lease_expires_at), else_=next_attempt_at)
+                        G.c.lease_expires_at > at)
+            when = case((live, G.c.lease_expires_at), else_=at)
         with self.tx() as conn:
             result = conn.execute(
                 update(G).where(G.c.id == grant_id).values(
@@ -488,7 +489,7 @@ class Store:
         """The clock leases are compared with: the database's on PostgreSQL."""
         if self.dialect == "postgresql":
             return func.now()
-        return now if now is not None else self.clock()
+        return _at(now if now is not None else self.clock())
 
     def expire_leases_of(self, owners: Sequence[str]) -> int:
         """End the leases of owners known to be gone (see :mod:`tokend.owners`) now.
@@ -503,7 +504,7 @@ class Store:
             return int(conn.execute(
                 update(G).where(G.c.lease_owner.in_(list(owners)),
                                 G.c.next_attempt_at.isnot(None)).values(
-                    next_attempt_at=case((G.c.next_attempt_at > now, now),
+                    next_attempt_at=case((G.c.next_attempt_at > _at(now), _at(now)),
                                          else_=G.c.next_attempt_at),
                     lease_expires_at=self._lease_now(now),
                 )
@@ -738,6 +739,12 @@ def _save_statement(success: bool, new_refresh: bool) -> Any:
     stmt = update(G).where(guard).values(**values)
     _SAVE_STATEMENTS[key] = stmt
     return stmt
+
+
+def _at(moment: datetime) -> Any:
+    """A moment as a bound parameter of the timestamp columns' type: inside ``case()``
+    a bare datetime would be bound as SQLite's own text, which does not sort like ours."""
+    return bindparam(None, moment, type_=G.c.next_attempt_at.type)
 
 
 def _replace_grant(grant: Grant, **changes: Any) -> Grant:
