@@ -68,9 +68,14 @@ class OwnerLock:
                               f"({self.path} exists)") from None
         except OSError as exc:
             raise TokendError(f"state.dir: cannot create {self.path}: {exc.strerror}") from None
-        # Blocks only while another process's scan looks at the new, empty file.
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.write(fd, (owner + "\n").encode())
+        try:
+            # Blocks only while another process's scan looks at the new, empty file.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, (owner + "\n").encode())
+        except OSError as exc:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise TokendError(f"state.dir: cannot lock {self.path}: {exc.strerror}") from None
         self._fd: int | None = fd
         self._finalizer = weakref.finalize(self, os.close, fd)
 
