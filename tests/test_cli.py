@@ -212,6 +212,29 @@ def test_db_upgrade_twice(tmp_path: Path, db_url: str, key_file: Path) -> None:
     assert second.stdout == f"database schema is current ({head})\n"
 
 
+def test_a_schema_newer_than_this_tokend_says_so(config: Path, db_url: str) -> None:
+    """A replica not yet upgraded meets a database a newer tokend migrated: it must say
+    to upgrade tokend (``db upgrade`` cannot help) and exit, not wait or retry forever."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine, text
+
+    from tokend.store import _alembic_config
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    engine = create_engine(db_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
+    engine.dispose()
+    expected = (f"tokend: database schema is at 0099_future, newer than this tokend (which "
+                f"knows up to {head}): upgrade tokend on this host")
+    for args in (("grants", "list"), ("db", "upgrade"), ("run",), ("run", "--once")):
+        r = tokend("--config", str(config), *args)
+        assert r.returncode == 78, (args, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+        assert r.stderr.splitlines()[-1] == expected, (args, r.stderr[-2000:])
+        assert "db upgrade" not in r.stderr, (args, r.stderr[-2000:])
+
+
 def test_grants_commands(capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path) -> None:
     c = str(config)
     now = datetime.now(UTC)

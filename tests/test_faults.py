@@ -66,13 +66,13 @@ class World:
     """The fake provider process, a config file, the store (for seeding and reading)."""
 
     def __init__(self, workdir: Path, db_url: str, *, latency: float = LATENCY,
-                 **config: Any) -> None:
+                 access_ttl: float = 86400.0, **config: Any) -> None:
         self.workdir = workdir
         self.db_url = db_url
         self.key = workdir / "tokend-key"
         self.key.write_text(generate_key() + "\n")
         self.key.chmod(0o600)
-        self.fake = fl.FakeProcess(workdir, latency=latency)
+        self.fake = fl.FakeProcess(workdir, latency=latency, access_ttl=access_ttl)
         self.config_path = fl.write_config(
             workdir / "tokend.toml", db_url=db_url, token_url=self.fake.token_url,
             key_file=self.key, concurrency=CONCURRENCY, **config)
@@ -280,6 +280,86 @@ def test_sigkill_at_random_moments_loses_at_most_the_refreshes_in_flight(
     finally:
         world.close()
     print(f"\nSIGKILL x{rounds}: lost per kill {per_kill} (total {len(lost)} of {n})")
+
+
+# --------------------------------------------------------------------------- 2b. restart after kill -9
+
+
+def test_a_restart_after_sigkill_takes_over_the_leases_at_once(tmp_path: Path, pg: str) -> None:
+    """30 grants with 12 s access tokens; ``tokend run`` is killed (SIGKILL) while it holds
+    leases on them: its requests hang at the provider before rotating, more are queued.
+    Restarted on the same host with the same configuration, tokend must take the dead
+    process's leases over at once (not after the 2-minute lease, when every access token
+    has long expired), refresh them (in doubt, then cleared), and lose nothing.
+    """
+    n, ttl = 30, 12
+    world = World(tmp_path, pg, access_ttl=ttl, interval="2s")
+    try:
+        now = datetime.now(UTC)
+        world.store.insert_grants([NewGrant(
+            client="main", grant_type="authorization_code", access_token=t["access_token"],
+            access_expires_at=now + timedelta(seconds=ttl), obtained_at=now - timedelta(hours=1),
+            refresh_token=t["refresh_token"],
+            refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
+            user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"]))
+            for t in world.fake.issue(n)], lambda g: initial(g, now, world.config.schedule))
+        # every request hangs at the provider before it rotates anything
+        world.fake.inject("timeout", seconds=60)
+        first = world.daemon("run", name="first")
+        world.wait_for_requests(CONCURRENCY, 60, first)
+        fl.wait_until(lambda: world.sql.scalar(
+            "SELECT count(*) FROM grants WHERE lease_owner IS NOT NULL") > CONCURRENCY, 30,
+            what="more grants leased than in flight")
+        first.signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+        leased = world.sql.scalar("SELECT count(*) FROM grants WHERE lease_owner IS NOT NULL")
+        assert leased > CONCURRENCY
+        world.fake.clear_faults()
+        world.fake.reset_stats()
+
+        restarted = datetime.now(UTC)
+        t0 = time.monotonic()
+        second = world.daemon("run", name="second")
+        fl.wait_until(lambda: world.sql.scalar(
+            "SELECT count(*) FROM grants WHERE status = 'ok' AND lease_owner IS NULL "
+            "AND NOT in_doubt AND obtained_at >= :t", t=restarted) == n, 30, interval=0.1,
+            what=f"all {n} grants refreshed after the restart (the killed process held "
+                 f"{leased} leases)")
+        took = time.monotonic() - t0
+        taken = [e for e in second.log_events()
+                 if e.get("event") == "dead_owner_leases_taken_over"]
+        assert [e.get("grants") for e in taken] == [leased], taken
+        time.sleep(3)  # a few more passes of 12 s tokens
+        second.signal(signal.SIGTERM)
+        assert second.wait(20) == 0, second.output()
+        assert not _crashes(second), _crashes(second)
+
+        stats = world.fake.stats()
+        assert stats["reuse_count"] == 0, stats
+        assert stats["errors_by_code"] == {}, stats
+        rows = world.rows()
+        assert all((r.status, r.reason, r.lease_owner, r.in_doubt) == ("ok", None, None, False)
+                   for r in rows), [r for r in rows if r.status != "ok" or r.in_doubt][:5]
+        validity = world.validity(rows)
+        assert all(all(v) for v in validity.values()), \
+            [gid for gid, v in validity.items() if not all(v)][:10]
+        # the access tokens stored are the provider's, unexpired ones accepted
+        probe = requests.Session()
+        probe.trust_env = False
+        try:
+            for gid, exp, token in world.sql.rows(
+                    "SELECT id, access_expires_at, access_token FROM grants"):
+                if exp > datetime.now(UTC) + timedelta(seconds=1):
+                    r = probe.get(world.fake.base_url + "/oauth/user/current", timeout=10,
+                                  headers={"Authorization": "Bearer " + world.store.cipher
+                                           .decrypt(token, grant_id=gid)})
+                    assert r.status_code == 200, (gid, r.status_code, r.text[:200])
+        finally:
+            probe.close()
+    finally:
+        world.close()
+    print(f"\nkill -9 with {leased} of {n} grants leased: all refreshed {took:.1f}s after "
+          "the restart")
 
 
 # --------------------------------------------------------------------------- 3. PostgreSQL down

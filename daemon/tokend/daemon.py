@@ -18,7 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import logs, state
 from .config import Config
-from .errors import StoreError, TokendError
+from .errors import SchemaError, StoreError, TokendError
 from .maintenance import Maintenance, PassResult
 from .metrics import Metrics, MetricsServer
 from .notify import Notifier
@@ -197,9 +197,9 @@ def _open_with_retry(config: Config, stop: threading.Event,
     while True:
         try:
             return open_store(config, pool_size=config.schedule.concurrency + 2)
+        except SchemaError:
+            raise  # an operator must act; waiting does not help
         except StoreError as exc:
-            if "tokend db upgrade" in str(exc):
-                raise
             log.error("database_unavailable", error=str(exc), retry_in=delay)
             sd.status(f"waiting for the database: {exc}")
             sd.watchdog()

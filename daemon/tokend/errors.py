@@ -43,6 +43,17 @@ class GrantNotFound(StoreError):
         self.grant_id = grant_id
 
 
+class SchemaError(StoreError):
+    """The database's schema is not the one this tokend works with.
+
+    Not a passing fault: waiting or restarting does not change it, an operator must act
+    (``tokend db upgrade``, or a newer tokend on this host). EX_CONFIG, so the unit's
+    ``RestartPreventExitStatus=78`` does not restart it in a loop.
+    """
+
+    exit_code = 78
+
+
 class DecryptError(StoreError):
     """A token could not be decrypted with any configured key."""
 

@@ -14,13 +14,10 @@ Each grant is handled inside an error boundary: one grant's failure never ends a
 
 from __future__ import annotations
 
-import os
 import queue
 import random
-import socket
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, logs, policy
+from . import circuit, leases, logs, owners, policy, state
 from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
@@ -63,7 +60,7 @@ def lease_for(config: Config) -> timedelta:
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()[:60]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return owners.new_owner()
 
 
 class Maintenance:
@@ -76,6 +73,10 @@ class Maintenance:
         self.provider = provider
         self.metrics = metrics or Metrics()
         self.owner = owner or owner_id()
+        # Held for the lifetime of this engine: while it is, our leases are ours; once
+        # this process is gone, a process of this host takes them over at once.
+        self.owners_dir = state.prepare(config, "owners")
+        self.owner_lock = owners.OwnerLock(self.owners_dir, self.owner)
         self.rand = rand
         self.save_retry = save_retry
         self.stop_event = threading.Event()
@@ -99,6 +100,7 @@ class Maintenance:
     def close(self) -> None:
         self.stop_event.set()
         self.pool.shutdown(wait=True)
+        self.owner_lock.release()
 
     # ------------------------------------------------------------------ the pass
 
@@ -110,6 +112,7 @@ class Maintenance:
         try:
             cc = [c.name for c in self.config.clients.values() if c.client_credentials]
             self.store.ensure_client_credentials(cc)
+            self._take_over_dead_owners()
             self._probe(result)
             self._drain(result)
         finally:
@@ -117,6 +120,16 @@ class Maintenance:
             result.stopped = self.stop_event.is_set()
             self.pass_running.clear()
         return result
+
+    def _take_over_dead_owners(self) -> None:
+        """Leases of processes of this host that are gone end now (one directory listing
+        when there are none)."""
+        with owners.dead(self.owners_dir, self.owner) as gone:
+            if gone:
+                n = self.store.expire_leases_of(gone)
+                log.warning("dead_owner_leases_taken_over", owners=gone, grants=n,
+                            detail="a tokend of this host ended without a clean stop; its "
+                                   "grants are due now, in doubt")
 
     def _drain(self, result: PassResult) -> None:
         concurrency = self.config.schedule.concurrency
@@ -139,12 +152,14 @@ class Maintenance:
             while True:
                 while (not exhausted and not self.stop_event.is_set()
                        and most - in_flight >= min(batch, most)):
+                    claimed_at = time.monotonic()  # before the lease starts: conservative
                     claims = self.store.claim_due(self.owner, min(batch, most - in_flight),
                                                   self.lease)
                     result.claimed += len(claims)
                     exhausted = not claims
                     for grant in claims:
-                        self.pool.submit(self._guarded, grant).add_done_callback(finished.put)
+                        self.pool.submit(self._guarded, grant, claimed_at).add_done_callback(
+                            finished.put)
                         in_flight += 1
                 if not in_flight:
                     break
@@ -175,6 +190,7 @@ class Maintenance:
             for name in due:
                 if self.stop_event.is_set():
                     break
+                claimed_at = time.monotonic()  # before the lease starts: conservative
                 grant = self.store.claim_probe(name, circuit.MARKERS, self.owner, self.lease)
                 if grant is None:
                     with self._circuit_lock:
@@ -182,16 +198,16 @@ class Maintenance:
                     continue
                 result.claimed += 1
                 self._probes.add(grant.id)
-                probes.append(self.pool.submit(self._guarded, grant))
+                probes.append(self.pool.submit(self._guarded, grant, claimed_at))
         finally:
             # A claim error ends the pass, but the probes sent are judged first.
             for fut in probes:
                 _count(result, fut.result())
             self._probes.clear()
 
-    def _guarded(self, grant: Grant) -> str:
+    def _guarded(self, grant: Grant, claimed_at: float | None = None) -> str:
         try:
-            return self.attempt(grant)
+            return self.attempt(grant, claimed_at)
         except Exception as exc:  # the error boundary: log, count, go on
             log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
                       error=type(exc).__name__, detail=str(exc)[:200])
@@ -199,9 +215,13 @@ class Maintenance:
 
     # ------------------------------------------------------------------ one grant
 
-    def attempt(self, grant: Grant) -> str:
+    def attempt(self, grant: Grant, claimed_at: float | None = None) -> str:
         """Handle one claimed grant; returns "ok", "skipped", "released", "held" or an
-        error kind."""
+        error kind.
+
+        ``claimed_at``: the monotonic time read just before the claim (see
+        :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
+        """
         s = self.config.schedule
         now = self.store.clock()
         client = self.config.clients.get(grant.client)
@@ -245,6 +265,15 @@ class Maintenance:
         if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
             self._release(grant)
             return "released"
+        if claimed_at is not None:
+            left = leases.remaining(claimed_at, self.lease, time.monotonic())
+            if not leases.can_send(left, self.config.provider.timeout):
+                # Sent now, it could still be on the wire when another process takes the
+                # grant over: given back unsent, it is claimed afresh with a full lease.
+                log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
+                            lease_left_s=round(left.total_seconds(), 1))
+                self._release(grant)
+                return "released"
         t0 = time.monotonic()
         try:
             if is_cc:

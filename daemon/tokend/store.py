@@ -22,9 +22,11 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import (
     Connection,
     Engine,
+    Interval,
     Select,
     Table,
     and_,
@@ -45,7 +47,7 @@ from sqlalchemy.pool import NullPool, QueuePool
 
 from .config import Config
 from .crypto import Cipher, cipher_for
-from .errors import GrantNotFound, StoreError
+from .errors import GrantNotFound, SchemaError, StoreError
 from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status
 from .schema import EventRow, GrantRow
 
@@ -189,6 +191,7 @@ class Store:
     def upgrade(self) -> tuple[str | None, str | None]:
         """Apply pending migrations; returns (revision before, revision after)."""
         before = self.revision()
+        self._refuse_unknown(before)
         cfg = _alembic_config()
         try:
             with self.engine.begin() as conn:
@@ -206,13 +209,26 @@ class Store:
             raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
         if current == self.head():
             return
+        self._refuse_unknown(current)
         if auto_upgrade or (current is None and self.dialect == "sqlite"):
             self.upgrade()
             return
-        raise StoreError(
+        raise SchemaError(
             f"database schema is at {current or 'nothing'}, expected {self.head()}: "
             "run `tokend db upgrade`"
         )
+
+    def _refuse_unknown(self, current: str | None) -> None:
+        """A revision this tokend has no migration for was written by a newer tokend."""
+        if current is None:
+            return
+        try:
+            ScriptDirectory.from_config(_alembic_config()).get_revision(current)
+        except CommandError:
+            raise SchemaError(
+                f"database schema is at {current}, newer than this tokend (which knows up "
+                f"to {self.head()}): upgrade tokend on this host"
+            ) from None
 
     # ------------------------------------------------------------------ reading
 
@@ -370,10 +386,19 @@ class Store:
 
     def set_status(self, grant_id: int, status: Status, reason: str | None,
                    next_attempt_at: datetime | None) -> Grant:
+        """An operator's change. ``next_attempt_at`` never moves before a live lease: a
+        grant whose refresh is in flight (e.g. enabled meanwhile) stays leased to its
+        claimer, whose save then sets the next attempt."""
+        when: Any = next_attempt_at
+        if next_attempt_at is not None:
+            at = _at(next_attempt_at)
+            live = and_(G.c.lease_owner.isnot(None), G.c.lease_expires_at > self._lease_now(),
+                        G.c.lease_expires_at > at)
+            when = case((live, G.c.lease_expires_at), else_=at)
         with self.tx() as conn:
             result = conn.execute(
                 update(G).where(G.c.id == grant_id).values(
-                    status=status.value, reason=reason, next_attempt_at=next_attempt_at,
+                    status=status.value, reason=reason, next_attempt_at=when,
                     failure_count=0, updated_at=self.clock(),
                 )
             )
@@ -421,7 +446,9 @@ class Store:
         rows, so its cost does not grow with the table.
         """
         q = (self._select(with_tokens=True)
-             .where(G.c.next_attempt_at <= now)
+             .where(G.c.next_attempt_at <= now,
+                    or_(G.c.lease_expires_at.is_(None),
+                        G.c.lease_expires_at <= self._lease_now(now)))
              .order_by(G.c.next_attempt_at)
              .limit(limit))
         if self.dialect == "postgresql":
@@ -434,6 +461,12 @@ class Store:
         The lease expiry becomes the grant's next_attempt_at, so nobody else sees it as
         due until the lease runs out. A grant still leased to someone whose lease expired
         had an attempt in flight: it is marked in doubt (the token may have rotated).
+
+        On PostgreSQL a lease (and so the claimed grant's next_attempt_at) is counted
+        and compared by the database's clock (``now()`` of the claiming transaction),
+        the one clock all replicas share: a replica whose clock runs ahead cannot take
+        over leases that are still live. Whether a grant is due (``next_attempt_at <=
+        now``) is judged by the injected clock on both backends.
         """
         now = self.clock()
         until = now + lease
@@ -442,9 +475,9 @@ class Store:
             rows = conn.execute(self.claim_query(now, limit)).all()
             if not rows:
                 return []
-            conn.execute(_CLAIM_UPDATE, {"ids": [r._mapping["id"] for r in rows],
-                                         "c_owner": owner, "c_until": until,
-                                         "c_next": until})
+            conn.execute(_claim_update(self.dialect),
+                         {"ids": [r._mapping["id"] for r in rows], "c_owner": owner,
+                          "c_until": until, "c_lease": lease})
         grants = [self._grant(r, with_tokens=True) for r in rows]
         return [
             _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
@@ -465,7 +498,9 @@ class Store:
                        G.c.lease_owner.is_(None))
         q = (self._select(with_tokens=True)
              .where(G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
-                    or_(G.c.next_attempt_at <= now, waiting))
+                    or_(G.c.next_attempt_at <= now, waiting),
+                    or_(G.c.lease_expires_at.is_(None),
+                        G.c.lease_expires_at <= self._lease_now(now)))
              .order_by(G.c.access_expires_at.is_(None).desc(), G.c.access_expires_at, G.c.id)
              .limit(1))
         if self.dialect == "postgresql":
@@ -474,8 +509,9 @@ class Store:
             row = conn.execute(q).first()
             if row is None:
                 return None
-            conn.execute(_CLAIM_UPDATE, {"ids": [row._mapping["id"]], "c_owner": owner,
-                                         "c_until": until, "c_next": until})
+            conn.execute(_claim_update(self.dialect),
+                         {"ids": [row._mapping["id"]], "c_owner": owner, "c_until": until,
+                          "c_lease": lease})
         g = self._grant(row, with_tokens=True)
         return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
                               lease_owner=owner, lease_expires_at=until)
@@ -500,6 +536,31 @@ class Store:
                 next_attempt_at=bindparam("r_at", type_=G.c.next_attempt_at.type))
             conn.execute(stmt, [{"r_id": gid, "r_at": at} for gid, at in order(held, now)])
         return len(held)
+
+    def _lease_now(self, now: datetime | None = None) -> Any:
+        """The clock leases are compared with: the database's on PostgreSQL."""
+        if self.dialect == "postgresql":
+            return func.now()
+        return _at(now if now is not None else self.clock())
+
+    def expire_leases_of(self, owners: Sequence[str]) -> int:
+        """End the leases of owners known to be gone (see :mod:`tokend.owners`) now.
+
+        Their grants are due at once; ``lease_owner`` is kept, so the next claim marks
+        them in doubt. A grant without a next attempt (disabled meanwhile) stays so.
+        """
+        if not owners:
+            return 0
+        now = self.clock()
+        with self.tx() as conn:
+            return int(conn.execute(
+                update(G).where(G.c.lease_owner.in_(list(owners)),
+                                G.c.next_attempt_at.isnot(None)).values(
+                    next_attempt_at=case((G.c.next_attempt_at > _at(now), _at(now)),
+                                         else_=G.c.next_attempt_at),
+                    lease_expires_at=self._lease_now(now),
+                )
+            ).rowcount)
 
     def save(self, grant: Grant, outcome: Outcome, owner: str,
              event: dict[str, Any] | None = None) -> bool:
@@ -663,12 +724,29 @@ class Store:
                 last = rows[-1][0]
 
 
-_CLAIM_UPDATE = update(G).where(G.c.id.in_(bindparam("ids", expanding=True))).values(
-    in_doubt=or_(G.c.in_doubt, G.c.lease_owner.isnot(None)),
-    lease_owner=bindparam("c_owner", type_=G.c.lease_owner.type),
-    lease_expires_at=bindparam("c_until", type_=G.c.lease_expires_at.type),
-    next_attempt_at=bindparam("c_next", type_=G.c.next_attempt_at.type),
-)
+def _claim_statement(dialect: str) -> Any:
+    """The UPDATE of :meth:`Store.claim_due`: on PostgreSQL the lease ends at the
+    database's ``now() + lease``, elsewhere at the injected clock's ``now + lease``."""
+    if dialect == "postgresql":
+        until: Any = func.now() + bindparam("c_lease", type_=Interval())
+    else:
+        until = bindparam("c_until", type_=G.c.lease_expires_at.type)
+    return update(G).where(G.c.id.in_(bindparam("ids", expanding=True))).values(
+        in_doubt=or_(G.c.in_doubt, G.c.lease_owner.isnot(None)),
+        lease_owner=bindparam("c_owner", type_=G.c.lease_owner.type),
+        lease_expires_at=until,
+        next_attempt_at=until,
+    )
+
+
+_CLAIM_STATEMENTS: dict[str, Any] = {}
+
+
+def _claim_update(dialect: str) -> Any:
+    stmt = _CLAIM_STATEMENTS.get(dialect)
+    if stmt is None:
+        stmt = _CLAIM_STATEMENTS[dialect] = _claim_statement(dialect)
+    return stmt
 _SAVE_STATEMENTS: dict[tuple[bool, bool], Any] = {}
 
 
@@ -713,6 +791,12 @@ def _save_statement(success: bool, new_refresh: bool) -> Any:
     stmt = update(G).where(guard).values(**values)
     _SAVE_STATEMENTS[key] = stmt
     return stmt
+
+
+def _at(moment: datetime) -> Any:
+    """A moment as a bound parameter of the timestamp columns' type: inside ``case()``
+    a bare datetime would be bound as SQLite's own text, which does not sort like ours."""
+    return bindparam(None, moment, type_=G.c.next_attempt_at.type)
 
 
 def _replace_grant(grant: Grant, **changes: Any) -> Grant:

@@ -12,7 +12,11 @@ PostgreSQL ids come from a sequence and were never reused; there only the column
 
 Upgrading replicas: this revision is compatible with a running tokend of revision 0001
 (a wider column, the same columns otherwise); on SQLite there is a single process
-anyway. Stop tokend, run ``tokend db upgrade``, start the new version.
+anyway. Stop tokend, run ``tokend db upgrade``, start the new version. A tokend of
+revision 0001 that is (re)started after the upgrade refuses to run (it wants revision
+0001 exactly, and says so with the misleading advice "run `tokend db upgrade`"); from
+this version on, a tokend that meets a schema newer than it knows says "upgrade tokend
+on this host" and exits 78.
 """
 
 import sqlalchemy as sa
