@@ -62,8 +62,8 @@ def corrupt(store: Store, ids: list[int]) -> dict[int, str]:
 
 def raw(store: Store, ids: list[int]) -> dict[int, tuple[Any, ...]]:
     with store.engine.connect() as conn:
-        rows = conn.execute(text("SELECT * FROM grants WHERE id IN (%s)"
-                                 % ",".join(str(i) for i in ids))).all()
+        listed = ",".join(str(i) for i in ids)
+        rows = conn.execute(text(f"SELECT * FROM grants WHERE id IN ({listed})")).all()
     return {r[0]: tuple(r) for r in rows}
 
 
