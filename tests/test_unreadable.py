@@ -187,3 +187,23 @@ def test_grants_list_and_show_name_the_unreadable_row(
         store.get(ids[2])
     assert [g.id for g in store.iter_grants()] == sorted(set(ids) - set(broken))
     assert all(isinstance(r, UnreadableGrant) == (r.id in broken) for r in store.iter_rows())
+
+
+def test_the_runbook_repairs_a_bad_status(world: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/alerts.md#tokendgrantsunreadable: `grants disable` then `grants enable`."""
+    from tokend.api import GrantUnavailable, TokenStore
+
+    config, store, ids, _broken = world
+    while store.claim_due("me", 5, timedelta(minutes=5)):
+        pass
+    assert ids[2] in store.unreadable
+    with TokenStore(config, store=store) as api, \
+            pytest.raises(GrantUnavailable, match=f"grant {ids[2]} is unreadable"):
+        api.access_token(client="main", user_id=3)
+    path = str(config.source)
+    assert main(["--config", path, "grants", "disable", str(ids[2])]) == 0
+    assert main(["--config", path, "grants", "enable", str(ids[2])]) == 0
+    capsys.readouterr()
+    store.recheck_unreadable()
+    assert ids[2] not in store.unreadable
+    assert store.get(ids[2]).status == Status.OK
