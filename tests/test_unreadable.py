@@ -1,8 +1,9 @@
 """One bad row never stops the daemon: it is set aside, the others are maintained.
 
-A status that is no status (both backends) or, on SQLite, a timestamp that does not
-parse (``'0000-bad'`` sorts before every real one, so it is always "due") used to fail the
-claim after its lease committed, or inside it, every time; ``grants list`` tracebacked.
+A status that is no status, or a timestamp Python cannot read (SQLite keeps any text:
+``'0000-bad'`` sorts before every real time, so it is always "due"; PostgreSQL has
+``'-infinity'``) used to fail the claim after its lease committed, or inside it, every
+time; ``grants list`` tracebacked.
 """
 
 from __future__ import annotations
@@ -44,16 +45,18 @@ def seed(store: Store, config: Config, fake: FakeJustimmo, n: int = N) -> list[i
 
 def corrupt(store: Store, ids: list[int]) -> dict[int, str]:
     """Break some rows by hand as an operator's bad UPDATE would; id -> broken column."""
-    broken = {ids[2]: "status"}
-    statements = [f"UPDATE grants SET status = 'bogus' WHERE id = {ids[2]}"]
-    if store.dialect == "sqlite":
-        broken.update({ids[5]: "next_attempt_at", ids[7]: "next_attempt_at",
-                       ids[9]: "access_expires_at"})
-        statements += [
-            f"UPDATE grants SET next_attempt_at = '0000-bad' WHERE id = {ids[5]}",
-            f"UPDATE grants SET next_attempt_at = 'garbage' WHERE id = {ids[7]}",
-            f"UPDATE grants SET access_expires_at = '0000-bad' WHERE id = {ids[9]}",
-        ]
+    broken = {ids[2]: "status", ids[5]: "next_attempt_at", ids[7]: "next_attempt_at",
+              ids[9]: "access_expires_at"}
+    # SQLite keeps any text; PostgreSQL has timestamps Python cannot hold. Either way
+    # one sorts before every real time (always due), one after (never due).
+    first, last = ("0000-bad", "garbage") if store.dialect == "sqlite" \
+        else ("-infinity", "infinity")
+    statements = [
+        f"UPDATE grants SET status = 'bogus' WHERE id = {ids[2]}",
+        f"UPDATE grants SET next_attempt_at = '{first}' WHERE id = {ids[5]}",
+        f"UPDATE grants SET next_attempt_at = '{last}' WHERE id = {ids[7]}",
+        f"UPDATE grants SET access_expires_at = '{first}' WHERE id = {ids[9]}",
+    ]
     with store.engine.begin() as conn:
         for sql in statements:
             conn.execute(text(sql))
@@ -155,7 +158,10 @@ def test_the_daemon_maintains_every_other_grant(world: Any, fake: FakeJustimmo) 
                                                      "grant_attempt_crashed",
                                                      "gauges_not_updated")], events
     due_bad = {i for i in broken if i != ids[7]}
-    assert daemon.metrics.registry.get_sample_value("tokend_grants_unreadable") == len(due_bad)
+    sample = daemon.metrics.registry.get_sample_value
+    assert sample("tokend_grants_unreadable") == len(due_bad)
+    assert sample("tokend_due_grants", {"client": "main"}) == 0  # not a backlog
+    assert sample("tokend_grants", {"client": "main", "status": "ok"}) == N - 1
 
 
 def test_grants_list_and_show_name_the_unreadable_row(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,8 +108,33 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                         pool_recycle=1800, connect_args={"connect_timeout": 10})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                           pool_pre_ping=True, pool_recycle=1800,
+                           connect_args={"connect_timeout": 10})
+    if engine.dialect.driver == "psycopg":
+        @event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.adapters.register_loader("timestamptz", _lenient_timestamptz())
+
+    return engine
+
+
+@cache
+def _lenient_timestamptz() -> type:
+    """psycopg's timestamptz loader, but a value Python cannot hold ('infinity', years
+    past 9999) comes back as its text instead of failing the whole fetch: the row it is
+    in is then set aside alone (``Store._grant``)."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestamptzLoader
+
+    class Lenient(TimestamptzLoader):
+        def load(self, data: Any) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return bytes(data).decode("utf-8", "replace")
+
+    return Lenient
 
 
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -662,9 +688,10 @@ class Store:
                     access[name] = a
                 if r is not None:
                     refresh[name] = r
-            due: dict[str, int] = dict(conn.execute(
-                select(G.c.client, func.count()).where(G.c.next_attempt_at <= now)
-                .group_by(G.c.client)).all())
+            due_q = select(G.c.client, func.count()).where(G.c.next_attempt_at <= now)
+            if self._unreadable:  # set aside: due for ever, never a backlog to work off
+                due_q = due_q.where(G.c.id.not_in(sorted(self.unreadable)))
+            due: dict[str, int] = dict(conn.execute(due_q.group_by(G.c.client)).all())
         return Stats(counts=counts, access_earliest=access, refresh_earliest=refresh, due=due)
 
     def due_query_plan(self, now: datetime, limit: int = 100) -> str:
