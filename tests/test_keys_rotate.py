@@ -47,12 +47,15 @@ def store(make_config: Callable[..., Config], store_for: Callable[..., Store]) -
     return store_for(make_config())
 
 
-def test_a_refresh_saved_between_read_and_write_wins(store: Store) -> None:
+@pytest.mark.parametrize("daemon_key", ["new", "old"])
+def test_a_refresh_saved_between_read_and_write_wins(store: Store, daemon_key: str) -> None:
+    """``old``: a daemon not yet restarted saves under the old key; the rotation reads the
+    changed row again and re-encrypts the NEW tokens."""
     ids = store.insert_grants([new(i) for i in range(5)], lambda g: (
         Status.OK, None, NOW - timedelta(seconds=1)))
     claimed = {g.id: g for g in store.claim_due("daemon", 5, timedelta(minutes=5))}
     cipher = Cipher((Secret(generate_key()), *store.cipher.keys))  # new key first
-    daemon = Store(store.engine, cipher)  # restarted with the new key file
+    daemon = Store(store.engine, cipher if daemon_key == "new" else store.cipher)
     rotator = Store(store.engine, cipher)
     target = claimed[ids[2]]
     outcome = Outcome(status=Status.OK, reason=None, next_attempt_at=NOW + timedelta(hours=3),
@@ -76,12 +79,14 @@ def test_a_refresh_saved_between_read_and_write_wins(store: Store) -> None:
 
     event.listen(store.engine, "after_cursor_execute", after_read)
     try:
-        rotator.reencrypt()
+        done = rotator.reencrypt()
     finally:
         event.remove(store.engine, "after_cursor_execute", after_read)
     assert saver is not None
     saver.join(60)
     assert saved == [True]
+    # new: the saved row needed nothing more; old: it was rotated on the second round
+    assert done == len(ids) - (daemon_key == "new")
     only_new = Store(store.engine, Cipher((cipher.keys[0],)))
     for gid in ids:
         tokens = only_new.tokens(only_new.get(gid, with_tokens=True))
