@@ -34,6 +34,7 @@ METRICS = {
     "tokend_build_info",
     "tokend_schedule_interval_seconds",
     "tokend_client_blocked",  # DESIGN.md's names for the next capabilities
+    "tokend_grants_unreadable",
 }
 HISTOGRAMS = {"tokend_refresh_duration_seconds", "tokend_pass_duration_seconds"}
 ALERTS = {
@@ -47,6 +48,7 @@ ALERTS = {
     "TokendAccessTokenExpiringSoon",
     "TokendRefreshTokenExpiringSoon",
     "TokendDueBacklogNotShrinking",
+    "TokendGrantsUnreadable",
 }
 METRIC_NAME = re.compile(r"\btokend_[a-z0-9_]+")
 

@@ -17,7 +17,7 @@ from types import TracebackType
 
 from .config import Config, load_config
 from .errors import TokendError
-from .model import Grant, GrantType, Status
+from .model import Grant, GrantType, Status, UnreadableGrant
 from .store import Store, open_store
 
 
@@ -53,8 +53,12 @@ class TokenStore:
         self.config.client(client)  # unknown client: a clear error
         uid = None if user_id is None else str(user_id)
         kind = GrantType.CLIENT_CREDENTIALS if uid is None else GrantType.AUTHORIZATION_CODE
-        found = [g for g in self._store.iter_grants(client=client, user_id=uid)
-                 if g.grant_type == kind and (uid is not None or g.user_id is None)]
+        rows = list(self._store.iter_rows(client=client, user_id=uid))
+        found = [g for g in rows if isinstance(g, Grant)
+                 and g.grant_type == kind and (uid is not None or g.user_id is None)]
+        bad = [r for r in rows if isinstance(r, UnreadableGrant)]
+        if not found and bad and uid is not None:
+            raise GrantUnavailable(f"grant {bad[-1].id} is unreadable: {bad[-1].error}")
         if not found:
             who = f"user {uid}" if uid is not None else "client credentials"
             raise GrantUnavailable(f"no grant for {who} of client {client!r}")

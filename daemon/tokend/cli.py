@@ -13,8 +13,8 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import Config, load_config, render
-from .errors import ConfigError, InputError, TokendError, UsageError
-from .model import Status
+from .errors import ConfigError, GrantUnreadable, InputError, TokendError, UsageError
+from .model import Status, UnreadableGrant
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -178,7 +178,8 @@ def _db_upgrade(_args: argparse.Namespace, config: Config) -> int:
 def _grants_list(args: argparse.Namespace, config: Config) -> int:
     store = _open(config)
     try:
-        grants = store.iter_grants(status=args.status, client=args.client)
+        # A row that cannot be decoded is listed as unreadable (id and what is wrong).
+        grants = store.iter_rows(status=args.status, client=args.client)
         if args.json:
             out = sys.stdout
             out.write("[")
@@ -192,9 +193,12 @@ def _grants_list(args: argparse.Namespace, config: Config) -> int:
         print("\t".join(header))
         for g in grants:
             d = g.public()
+            if isinstance(g, UnreadableGrant):
+                d["reason"] = g.error
             print("\t".join(str(x) if x is not None else "-" for x in (
-                d["id"], d["client"], d["grant_type"], d["user_id"], d["tenant_id"], d["status"],
-                d["reason"], d["access_expires_at"], d["refresh_expires_at"])))
+                d["id"], d.get("client"), d.get("grant_type"), d.get("user_id"),
+                d.get("tenant_id"), d["status"], d.get("reason"), d.get("access_expires_at"),
+                d.get("refresh_expires_at"))))
         return 0
     finally:
         store.close()
@@ -204,6 +208,8 @@ def _grants_show(args: argparse.Namespace, config: Config) -> int:
     store = _open(config)
     try:
         data = store.get(args.id).public()
+    except GrantUnreadable as exc:
+        data = UnreadableGrant(exc.grant_id, exc.problem).public()
     finally:
         store.close()
     if args.json:

@@ -81,6 +81,7 @@ class Daemon:
         return result
 
     def update_gauges(self) -> None:
+        self.metrics.unreadable.set(len(self.store.unreadable))
         try:
             self.metrics.set_stats(self.store.stats(list(self.config.clients)))
         except StoreError as exc:

@@ -58,6 +58,15 @@ class DecryptError(StoreError):
     """A token could not be decrypted with any configured key."""
 
 
+class GrantUnreadable(StoreError):
+    """A stored row cannot be decoded (a status that is no status, a bad timestamp)."""
+
+    def __init__(self, grant_id: int, problem: str) -> None:
+        super().__init__(f"grant {grant_id} is unreadable: {problem}")
+        self.grant_id = grant_id
+        self.problem = problem
+
+
 class ErrorKind(StrEnum):
     TRANSIENT = "transient"
     PERMANENT = "permanent"

@@ -50,6 +50,10 @@ class Metrics:
             registry=r)
         self.due = Gauge("tokend_due_grants", "Grants whose next attempt is due now.", ["client"],
                          registry=r)
+        self.unreadable = Gauge(
+            "tokend_grants_unreadable",
+            "Grant rows set aside because they cannot be decoded (log: grant_unreadable).",
+            registry=r)
         self.pass_duration = Histogram(
             "tokend_pass_duration_seconds", "Duration of maintenance passes.", registry=r,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600))

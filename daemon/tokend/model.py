@@ -86,6 +86,17 @@ class Grant:
 
 
 @dataclass(frozen=True)
+class UnreadableGrant:
+    """A stored row that cannot be decoded; listed as such, never maintained."""
+
+    id: int
+    error: str
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "status": "unreadable", "error": self.error}
+
+
+@dataclass(frozen=True)
 class NewGrant:
     """A grant about to be stored (import, consent); tokens in clear, encrypted by the store."""
 

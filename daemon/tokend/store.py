@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,24 +42,35 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    type_coerce,
     update,
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import NullPool, QueuePool
+from sqlalchemy.types import NullType
 
+from . import logs
 from .config import Config
 from .crypto import Cipher, cipher_for
-from .errors import GrantNotFound, SchemaError, StoreError
-from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status
-from .schema import EventRow, GrantRow
+from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreError
+from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status, UnreadableGrant
+from .schema import EventRow, GrantRow, UTCDateTime
 
 G = cast(Table, GrantRow.__table__)
 E = cast(Table, EventRow.__table__)
 Clock = Callable[[], datetime]
 Decide = Callable[[Grant], tuple[Status, str | None, datetime | None]]
 
-_GRANT_COLUMNS = [c for c in G.c if c.name not in ("access_token", "refresh_token")]
+# Timestamps are selected undecoded and decoded row by row in ``Store._grant``: SQLite
+# keeps whatever text was written, and one value that does not parse must cost only its
+# own row, not the claim or listing it is fetched with.
+_GRANT_COLUMNS = [type_coerce(c, NullType()).label(c.name)
+                  if isinstance(c.type, UTCDateTime) else c
+                  for c in G.c if c.name not in ("access_token", "refresh_token")]
 _INSERT_CHUNK = 2000
+# How often set-aside (unreadable) rows are read again, so a row fixed by hand comes back.
+UNREADABLE_RECHECK = 60.0
+log = logs.get("tokend.store")
 
 
 def utcnow() -> datetime:
@@ -97,8 +110,33 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True,
-                         pool_recycle=1800, connect_args={"connect_timeout": 10})
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                           pool_pre_ping=True, pool_recycle=1800,
+                           connect_args={"connect_timeout": 10})
+    if engine.dialect.driver == "psycopg":
+        @event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.adapters.register_loader("timestamptz", _lenient_timestamptz())
+
+    return engine
+
+
+@cache
+def _lenient_timestamptz() -> type:
+    """psycopg's timestamptz loader, but a value Python cannot hold ('infinity', years
+    past 9999) comes back as its text instead of failing the whole fetch: the row it is
+    in is then set aside alone (``Store._grant``)."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestamptzLoader
+
+    class Lenient(TimestamptzLoader):
+        def load(self, data: Any) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return bytes(data).decode("utf-8", "replace")
+
+    return Lenient
 
 
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -151,6 +189,11 @@ class Store:
         self.clock = clock
         self._write_lock: AbstractContextManager[Any] = (
             _sqlite_write_lock(engine) if engine.dialect.name == "sqlite" else nullcontext())
+        # Rows claims found undecodable (id -> what is wrong): left untouched in the
+        # database, skipped by later claims until a re-check finds them readable.
+        self._unreadable: dict[int, str] = {}
+        self._unreadable_lock = threading.Lock()
+        self._unreadable_checked = time.monotonic()
 
     # ------------------------------------------------------------------ plumbing
 
@@ -233,17 +276,27 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def _grant(self, row: Any, *, with_tokens: bool = False) -> Grant:
+        """Decode one row; :class:`GrantUnreadable` names the column that is wrong."""
         m = row._mapping
+        gid = m["id"]
+        ts = {name: _decode(gid, name, m[name], _timestamp, "a timestamp")
+              for name in _TIMESTAMPS}
+        status = _decode(gid, "status", m["status"], Status, "a status")
+        counts = {name: _decode(gid, name, m[name], _integer, "a whole number")
+                  for name in ("failure_count", "token_version")}
+        if ts["created_at"] is None or ts["updated_at"] is None:
+            raise GrantUnreadable(gid, "created_at or updated_at is empty")
         return Grant(
-            id=m["id"], client=m["client"], grant_type=m["grant_type"], user_id=m["user_id"],
-            tenant_id=m["tenant_id"], status=Status(m["status"]), reason=m["reason"],
-            access_expires_at=m["access_expires_at"], refresh_expires_at=m["refresh_expires_at"],
-            obtained_at=m["obtained_at"], consented_at=m["consented_at"],
-            failure_count=m["failure_count"], last_error=m["last_error"],
-            next_attempt_at=m["next_attempt_at"], in_doubt=bool(m["in_doubt"]),
-            token_version=m["token_version"], has_refresh_token=bool(m["has_refresh"]),
-            created_at=m["created_at"], updated_at=m["updated_at"],
-            lease_owner=m["lease_owner"], lease_expires_at=m["lease_expires_at"],
+            id=gid, client=m["client"], grant_type=m["grant_type"], user_id=m["user_id"],
+            tenant_id=m["tenant_id"], status=status, reason=m["reason"],
+            access_expires_at=ts["access_expires_at"],
+            refresh_expires_at=ts["refresh_expires_at"],
+            obtained_at=ts["obtained_at"], consented_at=ts["consented_at"],
+            failure_count=counts["failure_count"], last_error=m["last_error"],
+            next_attempt_at=ts["next_attempt_at"], in_doubt=bool(m["in_doubt"]),
+            token_version=counts["token_version"], has_refresh_token=bool(m["has_refresh"]),
+            created_at=ts["created_at"], updated_at=ts["updated_at"],
+            lease_owner=m["lease_owner"], lease_expires_at=ts["lease_expires_at"],
             access_token_enc=m["access_token"] if with_tokens else None,
             refresh_token_enc=m["refresh_token"] if with_tokens else None,
         )
@@ -265,7 +318,16 @@ class Store:
 
     def iter_grants(self, *, status: str | None = None, client: str | None = None,
                     user_id: str | None = None, page: int = 1000) -> Iterator[Grant]:
-        """All matching grants by id, a page at a time (flat memory)."""
+        """All matching grants by id, a page at a time (flat memory); unreadable rows
+        are left out (see :meth:`iter_rows`)."""
+        for g in self.iter_rows(status=status, client=client, user_id=user_id, page=page):
+            if isinstance(g, Grant):
+                yield g
+
+    def iter_rows(self, *, status: str | None = None, client: str | None = None,
+                  user_id: str | None = None, page: int = 1000,
+                  ) -> Iterator[Grant | UnreadableGrant]:
+        """Like :meth:`iter_grants`, with each undecodable row as an :class:`UnreadableGrant`."""
         last = 0
         while True:
             q = self._select().where(G.c.id > last)
@@ -280,7 +342,10 @@ class Store:
             if not rows:
                 return
             for row in rows:
-                yield self._grant(row)
+                try:
+                    yield self._grant(row)
+                except GrantUnreadable as exc:
+                    yield UnreadableGrant(exc.grant_id, exc.problem)
             last = rows[-1]._mapping["id"]
 
     def tokens(self, grant: Grant) -> tuple[str | None, str | None]:
@@ -371,7 +436,8 @@ class Store:
                 gid, previous = self._allocate_ids(conn, 1)[0], None
                 conn.execute(insert(G), [self._new_row(gid, new, now, decide)])
             else:
-                gid, previous = old[0], Status(old[1])
+                gid = old[0]
+                previous = Status(old[1]) if old[1] in Status.__members__.values() else None
                 row = self._new_row(gid, new, now, decide)
                 for key in ("id", "created_at"):
                     row.pop(key)
@@ -439,18 +505,20 @@ class Store:
                 pass  # another replica created it first: the unique index says so
         return created
 
-    def claim_query(self, now: datetime, limit: int) -> Select[Any]:
+    def claim_query(self, now: datetime, limit: int,
+                    skip: Sequence[int] = ()) -> Select[Any]:
         """The SELECT of :meth:`claim_due` (also what ``due_query_plan`` and ``bench/`` see).
 
         Walks ``ix_grants_next_attempt_at`` from its low end and stops after ``limit``
-        rows, so its cost does not grow with the table.
+        rows, so its cost does not grow with the table. ``skip``: ids set aside as
+        unreadable (filtered during the same walk).
         """
-        q = (self._select(with_tokens=True)
-             .where(G.c.next_attempt_at <= now,
-                    or_(G.c.lease_expires_at.is_(None),
-                        G.c.lease_expires_at <= self._lease_now(now)))
-             .order_by(G.c.next_attempt_at)
-             .limit(limit))
+        q = self._select(with_tokens=True).where(
+            G.c.next_attempt_at <= now,
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+        if skip:
+            q = q.where(G.c.id.not_in(sorted(skip)))
+        q = q.order_by(G.c.next_attempt_at).limit(limit)
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         return cast("Select[Any]", q)
@@ -470,15 +538,25 @@ class Store:
         """
         now = self.clock()
         until = now + lease
-        # Kept short: on SQLite every saving worker waits while a claim holds the lock.
-        with self.tx() as conn:
-            rows = conn.execute(self.claim_query(now, limit)).all()
-            if not rows:
-                return []
-            conn.execute(_claim_update(self.dialect),
-                         {"ids": [r._mapping["id"] for r in rows], "c_owner": owner,
-                          "c_until": until, "c_lease": lease})
-        grants = [self._grant(r, with_tokens=True) for r in rows]
+        self._recheck_unreadable()
+        while True:
+            grants: list[Grant] = []
+            bad: list[GrantUnreadable] = []
+            # Kept short: on SQLite every saving worker waits while a claim holds the lock.
+            with self.tx() as conn:
+                rows = conn.execute(self.claim_query(now, limit, list(self.unreadable))).all()
+                for r in rows:
+                    try:
+                        grants.append(self._grant(r, with_tokens=True))
+                    except GrantUnreadable as exc:
+                        bad.append(exc)  # not leased: the row stays exactly as it is
+                if grants:
+                    conn.execute(_claim_update(self.dialect),
+                                 {"ids": [g.id for g in grants], "c_owner": owner,
+                                  "c_until": until, "c_lease": lease})
+            self._set_aside(bad)
+            if grants or not bad:
+                break  # a batch of nothing but unreadable rows: claim past them
         return [
             _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
                            lease_owner=owner, lease_expires_at=until)
@@ -496,25 +574,34 @@ class Store:
         until = now + lease
         waiting = and_(or_(*[G.c.last_error.startswith(m, autoescape=True) for m in markers]),
                        G.c.lease_owner.is_(None))
-        q = (self._select(with_tokens=True)
-             .where(G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
-                    or_(G.c.next_attempt_at <= now, waiting),
-                    or_(G.c.lease_expires_at.is_(None),
-                        G.c.lease_expires_at <= self._lease_now(now)))
-             .order_by(G.c.access_expires_at.is_(None).desc(), G.c.access_expires_at, G.c.id)
-             .limit(1))
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        with self.tx() as conn:
-            row = conn.execute(q).first()
-            if row is None:
-                return None
-            conn.execute(_claim_update(self.dialect),
-                         {"ids": [row._mapping["id"]], "c_owner": owner, "c_until": until,
-                          "c_lease": lease})
-        g = self._grant(row, with_tokens=True)
-        return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
-                              lease_owner=owner, lease_expires_at=until)
+        while True:
+            q = self._select(with_tokens=True).where(
+                G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
+                or_(G.c.next_attempt_at <= now, waiting),
+                or_(G.c.lease_expires_at.is_(None),
+                    G.c.lease_expires_at <= self._lease_now(now)))
+            skip = self.unreadable
+            if skip:
+                q = q.where(G.c.id.not_in(sorted(skip)))
+            q = q.order_by(G.c.access_expires_at.is_(None).desc(), G.c.access_expires_at,
+                           G.c.id).limit(1)
+            if self.dialect == "postgresql":
+                q = q.with_for_update(skip_locked=True)
+            with self.tx() as conn:
+                row = conn.execute(q).first()
+                if row is None:
+                    return None
+                try:
+                    g = self._grant(row, with_tokens=True)
+                except GrantUnreadable as exc:
+                    bad = exc  # not leased: set aside below, then the next candidate
+                else:
+                    conn.execute(_claim_update(self.dialect),
+                                 {"ids": [g.id], "c_owner": owner, "c_until": until,
+                                  "c_lease": lease})
+                    return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
+                                          lease_owner=owner, lease_expires_at=until)
+            self._set_aside([bad])
 
     def release_held(self, client: str, markers: Sequence[str],
                      order: Callable[[Sequence[tuple[int, datetime | None]], datetime],
@@ -561,6 +648,51 @@ class Store:
                     lease_expires_at=self._lease_now(now),
                 )
             ).rowcount)
+
+    # ------------------------------------------------------------------ unreadable rows
+
+    @property
+    def unreadable(self) -> dict[int, str]:
+        """Rows set aside by claims of this store: grant id -> what is wrong."""
+        with self._unreadable_lock:
+            return dict(self._unreadable)
+
+    def _set_aside(self, bad: Sequence[GrantUnreadable]) -> None:
+        with self._unreadable_lock:
+            new = [exc for exc in bad if exc.grant_id not in self._unreadable]
+            for exc in bad:
+                self._unreadable[exc.grant_id] = exc.problem
+        for exc in new:  # once per row, not once per claim
+            log.warning("grant_unreadable", grant_id=exc.grant_id, error=exc.problem,
+                        detail="row set aside and left untouched; fix or delete it "
+                               "(tokend grants show/delete ID)")
+
+    def recheck_unreadable(self) -> None:
+        """Read the set-aside rows again; fixed (or deleted) ones are claimable again."""
+        ids = sorted(self.unreadable)
+        self._unreadable_checked = time.monotonic()
+        if not ids:
+            return
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(self._select().where(G.c.id.in_(ids))).all()
+        still: dict[int, str] = {}
+        for row in rows:
+            try:
+                self._grant(row)
+            except GrantUnreadable as exc:
+                still[exc.grant_id] = exc.problem
+        with self._unreadable_lock:
+            for gid in ids:
+                if gid not in still:
+                    self._unreadable.pop(gid, None)
+                    log.info("grant_readable_again", grant_id=gid)
+                else:
+                    self._unreadable[gid] = still[gid]
+
+    def _recheck_unreadable(self) -> None:
+        if self._unreadable and \
+                time.monotonic() - self._unreadable_checked >= UNREADABLE_RECHECK:
+            self.recheck_unreadable()
 
     def save(self, grant: Grant, outcome: Outcome, owner: str,
              event: dict[str, Any] | None = None) -> bool:
@@ -669,25 +801,16 @@ class Store:
             access: dict[str, datetime] = {}
             refresh: dict[str, datetime] = {}
             for name in names:
-                # Walks the (client, expiry) index from its low end; the first active
-                # row ends the scan.
-                a = conn.execute(
-                    select(G.c.access_expires_at).where(
-                        G.c.client == name, G.c.status.in_(active),
-                        G.c.access_expires_at.isnot(None))
-                    .order_by(G.c.access_expires_at).limit(1)).scalar()
-                r = conn.execute(
-                    select(G.c.refresh_expires_at).where(
-                        G.c.client == name, G.c.status.in_(active),
-                        G.c.refresh_expires_at.isnot(None))
-                    .order_by(G.c.refresh_expires_at).limit(1)).scalar()
+                a = _earliest(conn, G.c.access_expires_at, name, active)
+                r = _earliest(conn, G.c.refresh_expires_at, name, active)
                 if a is not None:
                     access[name] = a
                 if r is not None:
                     refresh[name] = r
-            due: dict[str, int] = dict(conn.execute(
-                select(G.c.client, func.count()).where(G.c.next_attempt_at <= now)
-                .group_by(G.c.client)).all())
+            due_q = select(G.c.client, func.count()).where(G.c.next_attempt_at <= now)
+            if self._unreadable:  # set aside: due for ever, never a backlog to work off
+                due_q = due_q.where(G.c.id.not_in(sorted(self.unreadable)))
+            due: dict[str, int] = dict(conn.execute(due_q.group_by(G.c.client)).all())
         return Stats(counts=counts, access_earliest=access, refresh_earliest=refresh, due=due)
 
     def due_query_plan(self, now: datetime, limit: int = 100) -> str:
@@ -701,27 +824,57 @@ class Store:
 
     # ------------------------------------------------------------------ keys
 
-    def reencrypt(self, batch: int = 500) -> int:
-        """Re-encrypt every token not under the newest key, in batches; resumable."""
+    def reencrypt(self, batch: int = 500, *, rounds: int = 20) -> int:
+        """Re-encrypt every token not under the newest key, in batches; resumable.
+
+        Safe while daemons run: each row is written only if both ciphertexts are still
+        the ones read (compare-and-swap). A refresh saved between the read and the write
+        wins; the row is read again and, if still under an old key, rotated again.
+        """
         done = 0
         last = 0
         while True:
-            with self.tx() as conn:
+            with self.tx(readonly=True) as conn:
                 rows = conn.execute(
                     select(G.c.id, G.c.access_token, G.c.refresh_token)
                     .where(G.c.id > last).order_by(G.c.id).limit(batch)).all()
-                if not rows:
-                    return done
-                for gid, access, refresh in rows:
-                    values = {}
-                    if access and self.cipher.needs_rotation(access):
-                        values["access_token"] = self.cipher.rotate(access, grant_id=gid)
-                    if refresh and self.cipher.needs_rotation(refresh):
-                        values["refresh_token"] = self.cipher.rotate(refresh, grant_id=gid)
-                    if values:
-                        conn.execute(update(G).where(G.c.id == gid).values(**values))
-                        done += 1
-                last = rows[-1][0]
+            if not rows:
+                return done
+            last = rows[-1][0]
+            pending = [(r[0], r[1], r[2]) for r in rows]
+            for _ in range(rounds):
+                changed = []
+                with self.tx() as conn:
+                    for gid, access, refresh in pending:
+                        values = self._rotated(gid, access, refresh)
+                        if not values:
+                            continue
+                        swapped = conn.execute(
+                            update(G).where(G.c.id == gid,
+                                            G.c.access_token.is_not_distinct_from(access),
+                                            G.c.refresh_token.is_not_distinct_from(refresh))
+                            .values(**values)).rowcount
+                        if swapped:
+                            done += 1
+                        else:
+                            changed.append(gid)
+                if not changed:
+                    break
+                with self.tx(readonly=True) as conn:
+                    pending = [(r[0], r[1], r[2]) for r in conn.execute(
+                        select(G.c.id, G.c.access_token, G.c.refresh_token)
+                        .where(G.c.id.in_(changed))).all()]
+            else:
+                raise StoreError(f"{len(pending)} grant(s) kept changing while being "
+                                 "re-encrypted; run `tokend keys rotate` again")
+
+    def _rotated(self, gid: int, access: str | None, refresh: str | None) -> dict[str, str]:
+        values = {}
+        if access and self.cipher.needs_rotation(access):
+            values["access_token"] = self.cipher.rotate(access, grant_id=gid)
+        if refresh and self.cipher.needs_rotation(refresh):
+            values["refresh_token"] = self.cipher.rotate(refresh, grant_id=gid)
+        return values
 
 
 def _claim_statement(dialect: str) -> Any:
@@ -797,6 +950,52 @@ def _at(moment: datetime) -> Any:
     """A moment as a bound parameter of the timestamp columns' type: inside ``case()``
     a bare datetime would be bound as SQLite's own text, which does not sort like ours."""
     return bindparam(None, moment, type_=G.c.next_attempt_at.type)
+
+
+def _earliest(conn: Connection, column: Any, client: str, active: list[str]) -> datetime | None:
+    """The client's earliest ``column`` among active grants.
+
+    Walks the (client, expiry) index from its low end; the first active row ends the
+    scan. A value that is no timestamp (SQLite) is passed over, not fatal to the gauges.
+    """
+    skip: list[int] = []
+    while True:
+        q = select(G.c.id, type_coerce(column, NullType())).where(
+            G.c.client == client, G.c.status.in_(active), column.isnot(None))
+        if skip:
+            q = q.where(G.c.id.not_in(skip))
+        row = conn.execute(q.order_by(column).limit(1)).first()
+        if row is None:
+            return None
+        try:
+            return _timestamp(row[1])
+        except (ValueError, TypeError, OverflowError):
+            skip.append(row[0])
+
+
+_TIMESTAMPS = ("access_expires_at", "refresh_expires_at", "obtained_at", "consented_at",
+               "next_attempt_at", "lease_expires_at", "created_at", "updated_at")
+_UTC = UTCDateTime()
+
+
+def _timestamp(value: Any) -> datetime | None:
+    if value is not None and not isinstance(value, str | datetime):
+        raise TypeError(type(value).__name__)
+    return _UTC.process_result_value(value, cast(Any, None))
+
+
+def _integer(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(type(value).__name__)
+    return value
+
+
+def _decode(gid: int, column: str, value: Any, decode: Callable[[Any], Any], what: str) -> Any:
+    try:
+        return decode(value)
+    except (ValueError, TypeError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise GrantUnreadable(gid, f"{column} {shown} is not {what}") from None
 
 
 def _replace_grant(grant: Grant, **changes: Any) -> Grant:
