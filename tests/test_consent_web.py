@@ -258,7 +258,7 @@ def test_links_are_refused_used_expired_forged_or_for_another_grant(
     b = seed(store, config, fake, user_id=99)
     link_a = consent.link_for(config, a, store.clock())
     token = link_a.rsplit("/", 1)[1]
-    gid, rest = token.split(".", 1)
+    _gid, rest = token.split(".", 1)
     forged = {
         "changed signature": link_a[:-3] + ("abc" if link_a[-3:] != "abc" else "abd"),
         "another grant": consent.url(config, f"{b.id}.{rest}"),
