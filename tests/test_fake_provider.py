@@ -661,3 +661,32 @@ def test_cli_runs_until_sigterm() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_authorize_page_lets_a_person_choose_approve_or_deny(
+    make_fake: Callable[..., FakeJustimmo], http: requests.Session
+) -> None:
+    fake = make_fake(consent_page=True)
+    query = {"response_type": "code", "client_id": CLIENT, "redirect_uri": REDIRECT,
+             "state": 'a"b<c'}
+    page = http.get(fake.authorize_url, params=query, allow_redirects=False, timeout=5)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert 'id="approve"' in page.text and 'id="deny"' in page.text
+    assert '<option value="42">' in page.text and "a&quot;b&lt;c" in page.text
+
+    def submit(**form: str) -> dict[str, list[str]]:
+        r = http.post(fake.authorize_url, data={**query, **form}, allow_redirects=False,
+                      timeout=5)
+        assert r.status_code == 302
+        assert r.headers["Location"].startswith(REDIRECT + "?")
+        return parse_qs(urlsplit(r.headers["Location"]).query)
+
+    approved = submit(user_id="42", decision="approve")
+    assert approved["state"] == ['a"b<c']
+    r = token(http, fake, grant_type="authorization_code", code=approved["code"][0],
+              redirect_uri=REDIRECT)
+    assert user(http, fake, r.json()["access_token"]).json()["id"] == 42
+    denied = submit(user_id="42", decision="deny")
+    assert denied["error"] == ["access_denied"] and "code" not in denied
+    # scripted callers naming a user still get the immediate redirect
+    assert "code" in authorize(http, fake, user_id="1234")

@@ -64,6 +64,12 @@ class TokenStore:
             raise GrantUnavailable(f"no grant for {who} of client {client!r}")
         return found[-1]
 
+    def consent_link(self, grant_id: int) -> str:
+        """A signed link the grant's user opens to re-consent (``[consent]`` must be set)."""
+        from .consent import link_for
+
+        return link_for(self.config, self._store.get(grant_id), datetime.now(UTC))
+
     def access_token(self, *, client: str, user_id: str | int | None = None) -> str:
         return self._usable(self.grant(client=client, user_id=user_id))
 

@@ -80,6 +80,14 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
     err = err or sys.stderr
     c = config.client(client)
     redirect = redirect_uri or c.redirect_uri
+    if not redirect and listen:
+        # RFC 8252 loopback redirect: the listener's own address (register it, or a
+        # provider that accepts any loopback port, as RFC 8252 7.3 asks).
+        try:
+            host, port = split_host_port(listen)
+        except ValueError as exc:
+            raise UsageError(f"--listen: {exc}") from None
+        redirect = f"http://{f'[{host}]' if ':' in host else host}:{port}/callback"
     if not redirect:
         raise ConfigError(f"clients.{client}.redirect_uri: is required for authorize "
                           "(or pass --redirect-uri)")

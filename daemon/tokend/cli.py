@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="give up after this long (default 5m)")
     auth.set_defaults(handler=_authorize)
 
+    link = sub.add_parser("consent-link", help="print a signed re-consent link for a grant")
+    link.add_argument("id", type=_grant_id)
+    link.add_argument("--ttl", default=None, help="how long the link works (default: "
+                      "consent.link_ttl, 7d)")
+    link.set_defaults(handler=_consent_link)
+
     token = sub.add_parser("token", help="print the current access token of a grant")
     token.add_argument("id", type=_grant_id)
     token.set_defaults(handler=_token)
@@ -285,6 +291,29 @@ def _token(args: argparse.Namespace, config: Config) -> int:
 
     with TokenStore(config) as tokens:
         print(tokens.access_token_by_id(args.id))
+    return 0
+
+
+def _consent_link(args: argparse.Namespace, config: Config) -> int:
+    from dataclasses import replace
+
+    from .consent import link_for
+    from .durations import Duration
+
+    if args.ttl is not None:
+        try:
+            ttl = Duration.parse(args.ttl)
+        except ValueError as exc:
+            raise UsageError(f"--ttl: {exc}") from None
+        if ttl.is_zero:
+            raise UsageError("--ttl: must be longer than zero")
+        config = replace(config, consent=replace(config.consent, link_ttl=ttl))
+    store = _open(config)
+    try:
+        grant = store.get(args.id)
+        print(link_for(config, grant, store.clock()))
+    finally:
+        store.close()
     return 0
 
 

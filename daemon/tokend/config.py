@@ -11,7 +11,7 @@ import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +103,9 @@ class ScheduleConfig:
     concurrency: int = 8
     max_grant_age: Duration | None = None
     batch_size: int = 200
+    # From [consent] reminders: moments before the refresh token ends that send a
+    # reconsent_reminder (kept here because the schedule's decisions need them).
+    reminders: tuple[Duration, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,38 @@ class NotifyConfig:
     webhook_secret: Secret | None = None
 
 
+DEFAULT_REMINDERS = (Duration(delta=timedelta(days=7)), Duration(delta=timedelta(days=3)),
+                     Duration(delta=timedelta(days=1)))
+LINK_KEY_MIN = 32  # characters of the consent link key
+
+
+@dataclass(frozen=True)
+class ConsentConfig:
+    """The re-consent web endpoint and its signed links (see ``tokend.consent``).
+
+    Links can be made wherever ``public_url`` and ``link_key`` are set (``enabled``);
+    ``listen`` additionally serves the pages from this process.
+    """
+
+    listen: str = ""  # HOST:PORT; empty: no endpoint in this process
+    public_url: str = ""  # what users see, behind the operator's TLS reverse proxy
+    link_key: Secret | None = None
+    link_ttl: Duration = Duration(delta=timedelta(days=7))
+    reminders: tuple[Duration, ...] = DEFAULT_REMINDERS
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.public_url and self.link_key)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return split_host_port(self.listen) if self.listen else None
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.public_url + "/callback"
+
+
 @dataclass(frozen=True)
 class StateConfig:
     """Where tokend keeps what must outlive the process (owner locks, the spool).
@@ -162,6 +197,7 @@ class Config:
     notify: NotifyConfig = NotifyConfig()
     state: StateConfig = StateConfig()
     source: Path | None = None
+    consent: ConsentConfig = ConsentConfig()
 
     def state_dir(self) -> Path:
         """The state directory, or a ConfigError saying how to set one."""
@@ -199,6 +235,7 @@ _SECTIONS: dict[str, set[str]] = {
     "encryption": {"key_file"},
     "notify": {"webhook_url", "webhook_secret", "webhook_secret_file"},
     "state": {"dir"},
+    "consent": {"listen", "public_url", "link_key", "link_key_file", "link_ttl", "reminders"},
 }
 _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
@@ -360,12 +397,55 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
         webhook_secret=r.secret("notify", "webhook_secret"),
     )
 
+    consent = _consent(r)
+    schedule = replace(schedule, reminders=consent.reminders)
+
     clients = _clients(r, raw.get("clients", {}))
     return Config(
         database=database, provider=provider, clients=clients, schedule=schedule,
         metrics=metrics, logging=logging_cfg, encryption=encryption, notify=notify,
-        state=_state(r, database, env), source=source,
+        state=_state(r, database, env), source=source, consent=consent,
     )
+
+
+def _consent(r: _Reader) -> ConsentConfig:
+    listen = r.string("consent", "listen", "")
+    if listen:
+        r.parse("consent", "listen", split_host_port, listen)
+    public_url = r.url("consent", "public_url", "", allow_empty=True).rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.query or parts.fragment:
+        raise ConfigError("consent.public_url: must not have a query or fragment")
+    key = r.secret("consent", "link_key")
+    if key is not None and len(key.value) < LINK_KEY_MIN:
+        raise ConfigError(f"consent.link_key: too short (at least {LINK_KEY_MIN} characters, "
+                          "e.g. from `openssl rand -base64 32`)")
+    if listen and not public_url:
+        raise ConfigError("consent.public_url: is required when consent.listen is set "
+                          "(the address users reach through the reverse proxy)")
+    if listen and key is None:
+        raise ConfigError("consent.link_key_file: is required when consent.listen is set "
+                          "(a secret of at least 32 characters; never created by tokend)")
+    ttl = r.duration("consent", "link_ttl", ConsentConfig.link_ttl, positive=True)
+    raw = r.raw.get("consent", {}).get("reminders")
+    reminders: tuple[Duration, ...] = DEFAULT_REMINDERS
+    if raw is not None:
+        items: list[Any]
+        if isinstance(raw, _EnvValue):
+            items = [x for x in (part.strip() for part in raw.split(",")) if x]
+        elif isinstance(raw, list):
+            items = raw
+        else:
+            raise ConfigError('consent.reminders: must be a list of durations like ["3d", "1d"]')
+        parsed: set[Duration] = set()
+        for item in items:
+            d: Duration = r.parse("consent", "reminders", Duration.parse, item)
+            if d.is_zero:
+                raise ConfigError("consent.reminders: each must be longer than zero")
+            parsed.add(d)
+        reminders = tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
+    return ConsentConfig(listen=listen, public_url=public_url, link_key=key, link_ttl=ttl,
+                         reminders=reminders)
 
 
 def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> StateConfig:
@@ -678,6 +758,12 @@ def render(config: Config) -> str:
            else "not set: `tokend run` needs it with PostgreSQL"), "",
         "[notify]",
         f"webhook_url = {q(config.notify.webhook_url)}",
-        f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}",
+        f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}", "",
+        "[consent]",
+        f"listen = {q(config.consent.listen)}",
+        f"public_url = {q(config.consent.public_url)}",
+        f"link_key = {q('********' if config.consent.link_key else '')}",
+        f"link_ttl = {q(str(config.consent.link_ttl))}",
+        "reminders = [" + ", ".join(q(str(d)) for d in config.consent.reminders) + "]",
     ]
     return "\n".join(lines) + "\n"

@@ -18,6 +18,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from . import logs, state
 from .config import Config
+from .consent_server import ConsentServer
 from .errors import SchemaError, StoreError, TokendError
 from .maintenance import Maintenance, PassResult
 from .metrics import Metrics, MetricsServer
@@ -49,6 +50,7 @@ class Daemon:
         self.consecutive_errors = 0
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.server: MetricsServer | None = None
+        self.consent_server: ConsentServer | None = None
 
     # ------------------------------------------------------------------ passes
 
@@ -125,6 +127,16 @@ class Daemon:
                                   f"{self.config.metrics.listen}: {exc.strerror}") from None
             log.info("metrics_listening", address=f"{self.server.address[0]}:"
                                                    f"{self.server.address[1]}")
+        if self.config.consent.address is not None:
+            try:
+                self.consent_server = ConsentServer(self.config, self.store,
+                                                    self.provider).start()
+            except OSError as exc:
+                raise TokendError(f"consent.listen: cannot listen on "
+                                  f"{self.config.consent.listen}: {exc.strerror}") from None
+            log.info("consent_listening", address=f"{self.consent_server.address[0]}:"
+                                                   f"{self.consent_server.address[1]}",
+                     public_url=self.config.consent.public_url)
         interval = self.config.schedule.interval.total_seconds()
         self.scheduler.add_job(
             self.run_pass, "interval", seconds=interval, id="maintenance",
@@ -151,6 +163,8 @@ class Daemon:
         threading.Thread(target=shutdown, daemon=True).start()
         if not done.wait(STOP_TIMEOUT):
             log.error("stop_timeout", detail="in-flight work did not finish in time")
+        if self.consent_server is not None:
+            self.consent_server.stop()
         self.maintenance.close()
         self.provider.close()
         if self.server is not None:

@@ -21,6 +21,7 @@ import base64
 import binascii
 import contextlib
 import gc
+import html
 import json
 import os
 import secrets
@@ -235,6 +236,7 @@ class FakeJustimmo:
         port: int = 0,
         users: Mapping[int, int] | None = None,
         request_times_limit: int = 10_000,
+        consent_page: bool = False,
     ) -> None:
         if league not in ("5", "7", "8", "9"):
             raise ValueError(f"league must be one of 5, 7, 8, 9, not {league!r}")
@@ -262,6 +264,8 @@ class FakeJustimmo:
         self._grant_chain: dict[tuple[int | None, str], int] = {}
         self._faults: list[_Fault] = []
         self._deny = False
+        # A real authorize page (choose user, approve or deny) instead of an instant redirect.
+        self.consent_page = consent_page
         self._c = _Counters()
         self._request_times: deque[float] = deque(maxlen=max(request_times_limit, 0))
 
@@ -808,8 +812,14 @@ class FakeJustimmo:
             return self._bad_code(hint or "Cannot decrypt the authorization code")
         return self._success(tokens)
 
-    def _authorize(self, query: Mapping[str, str]) -> _Response:
-        """Consent is given (or refused) at once, as the first or the chosen user."""
+    def _authorize(self, query: Mapping[str, str], *, submitted: bool = False) -> _Response:
+        """The authorize endpoint.
+
+        With ``consent_page`` on, a GET shows a page where a person chooses the user and
+        approves or denies (a POST of that form, ``submitted``). Otherwise, or when the
+        query names a ``user_id`` (scripted callers), consent is given (or refused) at
+        once, as the first or the chosen user.
+        """
         if query.get("response_type") != "code" or "client_id" not in query:
             return self._error(
                 "unsupported_grant_type",
@@ -820,6 +830,8 @@ class FakeJustimmo:
         redirect_uri = query.get("redirect_uri")
         if query["client_id"] not in self.clients or not redirect_uri:
             return self._invalid_client(None)
+        if self.consent_page and not submitted and "user_id" not in query:
+            return self._consent_page(query)
         user_id = next(iter(self.users))
         if "user_id" in query:
             try:
@@ -829,7 +841,7 @@ class FakeJustimmo:
             if user_id not in self.users:
                 return self._invalid_request("user_id", "Unknown user")
         params: dict[str, str]
-        if self._deny:
+        if self._deny or (submitted and query.get("decision") != "approve"):
             params = self._error_payload(
                 "access_denied", MSG_ACCESS_DENIED, "The user denied the request"
             )
@@ -845,6 +857,29 @@ class FakeJustimmo:
             params["state"] = query["state"]
         sep = "&" if "?" in redirect_uri else "?"
         return _Response(302, b"", (("Location", redirect_uri + sep + urlencode(params)),))
+
+    def _consent_page(self, query: Mapping[str, str]) -> _Response:
+        keep = ("response_type", "client_id", "redirect_uri", "state", "scope")
+        hidden = "".join(
+            f'<input type="hidden" name="{k}" value="{html.escape(query[k])}">'
+            for k in keep if k in query
+        )
+        options = "".join(
+            f'<option value="{uid}">User {uid} (tenant {tid})</option>'
+            for uid, tid in self.users.items()
+        )
+        page = (
+            '<!doctype html><html><head><meta charset="utf-8"><title>Fake Justimmo: '
+            "authorize</title></head><body><h1>Authorize application</h1>"
+            f"<p>The application <b>{html.escape(query['client_id'])}</b> asks for access "
+            "to your account.</p>"
+            f'<form method="post" action="/authorize">{hidden}'
+            f'<label>Sign in as <select name="user_id" id="user">{options}</select></label>'
+            '<p><button type="submit" name="decision" value="approve" id="approve">Approve'
+            '</button> <button type="submit" name="decision" value="deny" id="deny">Deny'
+            "</button></p></form></body></html>"
+        )
+        return _Response(200, page.encode(), (("Content-Type", "text/html; charset=UTF-8"),))
 
     def _user_current(self, authorization: str | None) -> _Response:
         if not authorization or not authorization.startswith("Bearer "):
@@ -898,6 +933,8 @@ class FakeJustimmo:
                 self.set_latency(float(args["seconds"]))
             elif path == "/_fake/reset_stats":
                 self.reset_stats()
+            elif path == "/_fake/consent_page":
+                self.consent_page = bool(args.get("on", True))
             elif path == "/_fake/deny":
                 self.deny_authorizations(bool(args.get("deny", True)))
             elif path == "/_fake/expire":
@@ -1047,6 +1084,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(outcome.response)
         elif path == "/authorize" and self.command == "GET":
             self._send(fake._authorize(_first_values(query)))
+        elif path == "/authorize" and self.command == "POST":
+            form = _first_values(body.decode("utf-8", "replace"))
+            self._send(fake._authorize(form, submitted=True))
         elif path == "/oauth/user/current" and self.command == "GET":
             self._send(fake._user_current(auth))
         else:
@@ -1140,6 +1180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="USER:TENANT",
         help="repeatable; default 1234:5678",
     )
+    parser.add_argument(
+        "--consent-page",
+        action="store_true",
+        help="show an authorize page (choose user, approve or deny) instead of redirecting",
+    )
     args = parser.parse_args(argv)
     try:
         users = {int(u): int(t) for u, t in args.user} if args.user else None
@@ -1164,6 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         users=users,
+        consent_page=args.consent_page,
     ).start()
     print(f"listening on {fake.base_url}", flush=True)
     try:

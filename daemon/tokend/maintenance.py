@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, leases, logs, owners, policy, state
+from . import circuit, consent, leases, logs, owners, policy, state
 from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
@@ -383,7 +383,9 @@ class Maintenance:
         it is retried until saved, even during shutdown. Other outcomes give up when
         the daemon stops (the lease then expires and the grant is simply retried).
         """
-        event = self._event(grant, outcome)
+        outcome, reminder = policy.remind(grant, outcome, self.store.clock(),
+                                          self.config.schedule)
+        event = self._event(grant, outcome, reminder)
         delay = self.save_retry
         while True:
             try:
@@ -407,15 +409,23 @@ class Maintenance:
         except StoreError as exc:  # the lease expires by itself
             log.warning("release_failed", grant_id=grant.id, error=str(exc))
 
-    def _event(self, grant: Grant, outcome: Outcome) -> dict[str, Any] | None:
+    def _event(self, grant: Grant, outcome: Outcome,
+               reminder: bool = False) -> dict[str, Any] | None:
         name = policy.event_for(grant.status, outcome.status)
-        if name is None:
+        if name is None and reminder:
+            name = "reconsent_reminder"
+            log.info("reconsent_reminder", grant_id=grant.id, client=grant.client,
+                     refresh_expires_at=_iso(grant.refresh_expires_at))
+        elif name is None:
             return None
-        log.warning("status_changed", grant_id=grant.id, client=grant.client,
-                    old=grant.status.value, new=outcome.status.value, reason=outcome.reason)
-        return event_payload(name, grant, outcome.status, outcome.reason,
-                             outcome.refresh_expires_at or grant.refresh_expires_at,
-                             self.store.clock())
+        else:
+            log.warning("status_changed", grant_id=grant.id, client=grant.client,
+                        old=grant.status.value, new=outcome.status.value,
+                        reason=outcome.reason)
+        now = self.store.clock()
+        payload = event_payload(name, grant, outcome.status, outcome.reason,
+                                outcome.refresh_expires_at or grant.refresh_expires_at, now)
+        return payload | consent.event_fields(self.config, grant, name, now)
 
 
 def _count(result: PassResult, outcome: str) -> None:

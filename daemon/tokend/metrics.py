@@ -21,7 +21,7 @@ from .model import GrantType, Status
 from .store import Stats
 
 KINDS = ("transient", "permanent", "client")
-EVENTS = ("reconsent_due", "reconsent_required", "recovered")
+EVENTS = ("reconsent_due", "reconsent_required", "reconsent_reminder", "recovered")
 OUTCOMES = ("delivered", "failed")
 
 

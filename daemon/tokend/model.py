@@ -55,6 +55,8 @@ class Grant:
     updated_at: datetime
     lease_owner: str | None = None
     lease_expires_at: datetime | None = None
+    reminder_deadline: datetime | None = None  # see policy.due_reminder
+    reminder_point: datetime | None = None
     access_token_enc: str | None = field(default=None, repr=False)
     refresh_token_enc: str | None = field(default=None, repr=False)
 
@@ -128,6 +130,9 @@ class Outcome:
     access_expires_at: datetime | None = None
     refresh_expires_at: datetime | None = None
     obtained_at: datetime | None = None
+    # set when a reminder moment is covered (sent, or covered by entering reconsent_due):
+    reminder_deadline: datetime | None = None
+    reminder_point: datetime | None = None
 
     @property
     def success(self) -> bool:

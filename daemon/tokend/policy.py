@@ -70,7 +70,78 @@ def next_attempt(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | N
         if s.max_grant_age is not None and grant.consented_at is not None \
                 and grant.status == Status.OK:
             moments.append(s.max_grant_age.after(grant.consented_at))
+        reminder = next_reminder(grant, now, s)
+        if reminder is not None:
+            moments.append(reminder)
     return min(moments)
+
+
+# ---------------------------------------------------------------------- reminders
+
+
+def reminder_points(deadline: datetime, s: ScheduleConfig) -> list[datetime]:
+    """The reminder moments of a refresh token ending at ``deadline``, earliest first.
+
+    A moment at or before the start of the re-consent window is left out: the
+    reconsent_due event sent on entering the window covers it.
+    """
+    window = s.reconsent_before.before(deadline)
+    return sorted({p for p in (r.before(deadline) for r in s.reminders)
+                   if window < p < deadline})
+
+
+def _covered(grant: Grant) -> datetime | None:
+    """The latest reminder moment already covered for the grant's current deadline."""
+    if grant.reminder_deadline is None or grant.reminder_deadline != grant.refresh_expires_at:
+        return None
+    return grant.reminder_point
+
+
+def _reminded(grant: Grant) -> bool:
+    return (grant.status in ACTIVE and grant.grant_type != GrantType.CLIENT_CREDENTIALS
+            and grant.refresh_expires_at is not None)
+
+
+def next_reminder(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | None:
+    """The next reminder moment still to come (after ``now``), if any."""
+    if not _reminded(grant):
+        return None
+    assert grant.refresh_expires_at is not None
+    covered = _covered(grant)
+    return next((p for p in reminder_points(grant.refresh_expires_at, s)
+                 if p > now and (covered is None or p > covered)), None)
+
+
+def due_reminder(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | None:
+    """The reminder moment to send now: the latest one passed and not yet covered.
+
+    Moments missed together (the daemon was down) send one reminder, not several.
+    """
+    if not _reminded(grant):
+        return None
+    assert grant.refresh_expires_at is not None
+    if now >= grant.refresh_expires_at:
+        return None
+    covered = _covered(grant)
+    passed = [p for p in reminder_points(grant.refresh_expires_at, s)
+              if p <= now and (covered is None or p > covered)]
+    return passed[-1] if passed else None
+
+
+def remind(grant: Grant, outcome: Outcome, now: datetime,
+           s: ScheduleConfig) -> tuple[Outcome, bool]:
+    """The outcome with a due reminder marked as covered, and whether to send it.
+
+    Entering reconsent_due in the same step covers the reminder without a second event.
+    """
+    after = replace(grant, status=outcome.status,
+                    refresh_expires_at=outcome.refresh_expires_at or grant.refresh_expires_at)
+    point = due_reminder(after, now, s)
+    if point is None:
+        return outcome, False
+    send = event_for(grant.status, outcome.status) is None
+    return replace(outcome, reminder_deadline=after.refresh_expires_at,
+                   reminder_point=point), send
 
 
 def needs_refresh(grant: Grant, now: datetime, s: ScheduleConfig) -> bool:

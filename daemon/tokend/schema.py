@@ -95,6 +95,10 @@ class GrantRow(Base):
     token_version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Reminders sent (migration 0003): the refresh expiry they were for, and the latest
+    # reminder moment covered, so each reminder goes out once per grant and deadline.
+    reminder_deadline: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reminder_point: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (
         Index("ix_grants_next_attempt_at", "next_attempt_at"),
@@ -131,3 +135,23 @@ class EventRow(Base):
     last_error: Mapped[str | None] = mapped_column(String(500))
 
     __table_args__ = (Index("ix_events_next_attempt_at", "next_attempt_at"),)
+
+
+class ConsentStateRow(Base):
+    """A consent started at the web endpoint (migration 0003), consumed by its callback.
+
+    In the database, not in a process, so the provider's redirect may reach any replica.
+    Only a digest of ``state`` is stored: a reader of the table cannot finish a flow.
+    """
+
+    __tablename__ = "consent_states"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of state
+    grant_id: Mapped[int] = mapped_column(_ID)
+    mark: Mapped[str] = mapped_column(String(64))  # the link's consent mark
+    redirect_uri: Mapped[str] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_consent_states_expires_at", "expires_at"),)

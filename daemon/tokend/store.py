@@ -297,6 +297,7 @@ class Store:
             token_version=counts["token_version"], has_refresh_token=bool(m["has_refresh"]),
             created_at=ts["created_at"], updated_at=ts["updated_at"],
             lease_owner=m["lease_owner"], lease_expires_at=ts["lease_expires_at"],
+            reminder_deadline=ts["reminder_deadline"], reminder_point=ts["reminder_point"],
             access_token_enc=m["access_token"] if with_tokens else None,
             refresh_token_enc=m["refresh_token"] if with_tokens else None,
         )
@@ -710,6 +711,10 @@ class Store:
             "p_failure_count": outcome.failure_count, "p_last_error": outcome.last_error,
             "p_in_doubt": outcome.in_doubt, "p_updated_at": now,
         }
+        reminded = outcome.reminder_point is not None
+        if reminded:
+            params.update(p_reminder_deadline=outcome.reminder_deadline,
+                          p_reminder_point=outcome.reminder_point)
         new_refresh = False
         if outcome.success:
             assert outcome.access_token is not None
@@ -726,7 +731,7 @@ class Store:
         # under load each round trip is a wait for the server process to be scheduled,
         # and the worker holds its provider slot meanwhile.
         with self.tx(single=event is None) as conn:
-            stmt = _save_statement(outcome.success, new_refresh)
+            stmt = _save_statement(outcome.success, new_refresh, reminded)
             if conn.execute(stmt, params).rowcount == 0:
                 return False
             if event is not None:
@@ -900,16 +905,18 @@ def _claim_update(dialect: str) -> Any:
     if stmt is None:
         stmt = _CLAIM_STATEMENTS[dialect] = _claim_statement(dialect)
     return stmt
-_SAVE_STATEMENTS: dict[tuple[bool, bool], Any] = {}
 
 
-def _save_statement(success: bool, new_refresh: bool) -> Any:
+_SAVE_STATEMENTS: dict[tuple[bool, bool, bool], Any] = {}
+
+
+def _save_statement(success: bool, new_refresh: bool, reminded: bool = False) -> Any:
     """The UPDATE of :meth:`Store.save`, built once per shape with bound parameters.
 
     Building ``update().where().values()`` afresh for every saved grant (and computing
     its cache key) cost about as much CPU as the HTTP request it records.
     """
-    key = (success, new_refresh)
+    key = (success, new_refresh, reminded)
     stmt = _SAVE_STATEMENTS.get(key)
     if stmt is not None:
         return stmt
@@ -936,6 +943,9 @@ def _save_statement(success: bool, new_refresh: bool) -> Any:
         values["token_version"] = G.c.token_version + 1
         if new_refresh:
             values["refresh_token"] = p("refresh_token")
+    if reminded:
+        values.update(reminder_deadline=p("reminder_deadline"),
+                      reminder_point=p("reminder_point"))
     guard = and_(
         G.c.id == bindparam("g_id", type_=G.c.id.type),
         or_(G.c.lease_owner == bindparam("g_owner", type_=G.c.lease_owner.type),
@@ -974,7 +984,8 @@ def _earliest(conn: Connection, column: Any, client: str, active: list[str]) -> 
 
 
 _TIMESTAMPS = ("access_expires_at", "refresh_expires_at", "obtained_at", "consented_at",
-               "next_attempt_at", "lease_expires_at", "created_at", "updated_at")
+               "next_attempt_at", "lease_expires_at", "created_at", "updated_at",
+               "reminder_deadline", "reminder_point")
 _UTC = UTCDateTime()
 
 
