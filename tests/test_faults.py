@@ -424,7 +424,7 @@ def test_a_day_of_provider_outages(tmp_path: Path, pg: str) -> None:
                          request_times_limit=0)
     fake.start()
     path = fl.write_config(tmp_path / "tokend.toml", db_url=pg, token_url=fake.token_url,
-                           key_file=key, interval="5m", retry_max="1h", timeout="750ms")
+                           key_file=key, interval="5m", retry_max="1h", timeout="1s")
     config = load_config(path, env={})
     store = open_store(config, clock=clock, auto_upgrade=True)
     provider = ProviderClient(config.provider, pool_size=CONCURRENCY, clock=clock)
