@@ -105,6 +105,16 @@ class DatabaseConfig:
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file (None: PostgreSQL, in memory, or a ``file:`` URI)."""
+        if not self.is_sqlite or "///" not in self.url:
+            return None
+        path = self.url.split("///", 1)[1]
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return Path(path)
+
 
 @dataclass(frozen=True)
 class ProviderConfig:
@@ -426,11 +436,9 @@ def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> Stat
         if not path.is_absolute() and r.source is not None:
             path = r.source.parent / path
         return StateConfig(dir=path.absolute(), origin="[state] dir")
-    if database.is_sqlite:
-        db_path = database.url.split("///", 1)[1] if "///" in database.url else ""
-        if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
-            return StateConfig(dir=Path(db_path).absolute().parent,
-                               origin="the SQLite file's directory")
+    db_path = database.sqlite_path
+    if db_path is not None:
+        return StateConfig(dir=db_path.absolute().parent, origin="the SQLite file's directory")
     return StateConfig()
 
 
