@@ -119,6 +119,8 @@ def cipher_for(config: Config, *, create: bool) -> Cipher:
         return Cipher(enc.keys)
     if enc.key_file is None:
         raise ConfigError("encryption.key_file: is required (tokens are always stored encrypted)")
+    if enc.key_file.exists():  # created since the configuration was loaded
+        return Cipher(read_keys(enc.key_file))
     db = config.database.sqlite_path
     if db is not None and _holds_data(db):
         raise ConfigError(
