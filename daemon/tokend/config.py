@@ -84,10 +84,14 @@ def mask_webhook(url: str) -> str:
 
 def _repr_masked(obj: Any, masks: Mapping[str, Callable[[str], str]]) -> str:
     """The dataclass repr, with the URL fields masked as ``check-config`` shows them."""
-    shown = ", ".join(
-        f"{f.name}={(masks[f.name](v) if f.name in masks and isinstance(v, str) else v)!r}"
-        for f in fields(obj) if f.repr for v in (getattr(obj, f.name),))
-    return f"{type(obj).__name__}({shown})"
+    shown = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in masks and isinstance(value, str):
+            value = masks[f.name](value)
+        if f.repr:
+            shown.append(f"{f.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
 
 
 def _hide_user(url: str) -> str:
@@ -110,7 +114,7 @@ class DatabaseConfig:
         """The SQLite database file (None: PostgreSQL, in memory, or a ``file:`` URI)."""
         if not self.is_sqlite or "///" not in self.url:
             return None
-        path = self.url.split("///", 1)[1]
+        path = self.url.split("///", 1)[1].split("?", 1)[0]
         if not path or path == ":memory:" or path.startswith("file:"):
             return None
         return Path(path)
