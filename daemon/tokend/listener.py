@@ -13,6 +13,7 @@ makes room for a new one), and one request is served per connection.
 from __future__ import annotations
 
 import contextlib
+import math
 import selectors
 import socket
 import threading
@@ -127,8 +128,11 @@ class BoundedHTTPServer(HTTPServer):
             idle = [c for c, deadline in self._idle.items() if deadline <= now]
             for conn in idle:
                 del self._idle[conn]
-            # A worker still reading or writing: end its socket, its call then fails.
+            # A worker still reading or writing (or not yet started on it): end its
+            # socket, its call then fails at once. Once is enough: no deadline left.
             late = [c for c, deadline in self._busy.items() if deadline <= now]
+            for conn in late:
+                self._busy[conn] = math.inf
         for conn in idle:
             sel.unregister(conn)
             _close(conn)
