@@ -112,6 +112,22 @@ def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path, key_fi
     assert "1 key(s) loaded" in r.stdout
 
 
+def test_check_config_masks_passwords_and_webhook_paths(tmp_path: Path, key_file: Path) -> None:
+    path = write_config(tmp_path, "postgresql://u:pa/ss#w?rd@db.example/tokend",
+                        key_file=key_file,
+                        extra='\n[notify]\nwebhook_url = "https://hooks.example/T0/hook-secret"\n'
+                              '[clients.other]\nclient_id = "o"\nclient_secret = "s"\n'
+                              'redirect_uri = "http://u:redirect-secret@127.0.0.1:8765/cb"\n')
+    r = tokend("--config", str(path), "check-config")
+    assert (r.returncode, r.stderr) == (0, "")
+    for secret in ("pa/ss", "ss#w", "w?rd", "hook-secret", "redirect-secret"):
+        assert secret not in r.stdout
+    settings = tomllib.loads(r.stdout)
+    assert settings["database"]["url"] == "postgresql+psycopg://u:********@db.example/tokend"
+    assert settings["notify"]["webhook_url"] == "https://hooks.example/********"
+    assert settings["clients"]["other"]["redirect_uri"] == "http://********@127.0.0.1:8765/cb"
+
+
 def test_check_config_without_a_file_shows_the_justimmo_defaults(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "tokend", "check-config"], cwd=tmp_path,
                        capture_output=True, text=True, check=False,
@@ -131,6 +147,10 @@ def test_check_config_without_a_file_shows_the_justimmo_defaults(tmp_path: Path)
      "clients.x.client_secret_file: "),
     ("", {"TOKEND_SCHEDULE__INTERVAL": "often"}, "schedule.interval: invalid duration"),
     ("", {"TOKEND_PROVIDER__USER_URL": "http://[::1"}, "provider.user_url: must be an http(s)"),
+    ("", {"TOKEND_PROVIDER__TIMEOUT": "500ms"}, "provider.timeout: must be at least 1s"),
+    ("", {"TOKEND_PROVIDER__REFRESH_TOKEN_TTL": "3000000d"},
+     "provider.refresh_token_ttl: duration '3000000d' is too long"),
+    ("", {"TOKEND_SCHEDULE__RETRY_MAX": "P999Y999999D"}, "schedule.retry_max: duration"),
 ])
 @pytest.mark.parametrize("command", [["check-config"], ["grants", "list"]])
 def test_a_bad_config_is_one_line_and_exit_78(tmp_path: Path, key_file: Path, extra: str,

@@ -331,6 +331,48 @@ def test_database_password_in_the_query_is_masked(tmp_path: Path) -> None:
     assert "password=********" in render(c)
 
 
+@pytest.mark.parametrize(("text", "shown", "secrets"), [
+    # urlsplit ends the authority at '/', '#' or '?': the rest of the password was printed
+    ('[database]\nurl = "postgresql://u:pa/ss#w?rd@db.example/tokend"\n',
+     'url = "postgresql+psycopg://u:********@db.example/tokend"', ["pa/ss", "ss#w", "w?rd"]),
+    ('[database]\nurl = "postgresql://u:p?w@db.example:5433/tokend?sslmode=require"\n',
+     'url = "postgresql+psycopg://u:********@db.example:5433/tokend?sslmode=require"', ["p?w"]),
+    ('[database]\nurl = "postgresql://u:x#y@h/db?password=other-pw"\n',
+     'url = "postgresql+psycopg://u:********@h/db?password=********"', ["x#y", "other-pw"]),
+    # a webhook's path and query are often its only secret (Slack, Teams, ?token=)
+    ('[notify]\nwebhook_url = "https://hooks.example/services/T0/B0/hook-path-secret"\n',
+     'webhook_url = "https://hooks.example/********"', ["hook-path-secret", "T0/B0"]),
+    ('[notify]\nwebhook_url = "https://hooks.example:8443/in?token=hook-query-secret"\n',
+     'webhook_url = "https://hooks.example:8443/********"', ["hook-query-secret"]),
+    ('[notify]\nwebhook_url = "https://hook:hook-pw@hooks.example/"\n',
+     'webhook_url = "https://********@hooks.example/"', ["hook-pw"]),
+    ('[notify]\nwebhook_url = "https://hooks.example"\n',
+     'webhook_url = "https://hooks.example"', []),
+    # user info in any other URL
+    ('[provider]\ntoken_url = "https://id:token-url-pw@auth.example/token"\n',
+     'token_url = "https://********@auth.example/token"', ["token-url-pw", "id:"]),
+    ('[provider]\nauthorize_url = "https://user-token@auth.example/authorize"\n',
+     'authorize_url = "https://********@auth.example/authorize"', ["user-token"]),
+    ('[provider]\nuser_url = "https://u:user-url-pw@api.example/me"\n',
+     'user_url = "https://********@api.example/me"', ["user-url-pw"]),
+    (MAIN + 'redirect_uri = "http://cb:redirect-pw@127.0.0.1:8765/cb"\n',
+     'redirect_uri = "http://********@127.0.0.1:8765/cb"', ["redirect-pw"]),
+])
+def test_check_config_masks_every_secret_in_a_url(tmp_path: Path, text: str, shown: str,
+                                                  secrets: list[str]) -> None:
+    c = load(tmp_path, text)
+    out = render(c)
+    assert shown in out.splitlines()
+    for secret in secrets:
+        assert secret not in out and secret not in repr(c)
+
+
+def test_a_bad_url_is_refused_without_printing_its_user_info(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"provider\.token_url: must be an http") as info:
+        load(tmp_path, '[provider]\ntoken_url = "ftp://u:ftp-secret@h/token"\n')
+    assert "ftp-secret" not in str(info.value)
+
+
 def test_render_prints_valid_config_that_loads_to_the_same_settings(tmp_path: Path) -> None:
     c = load(tmp_path, MAIN + """
         [provider]
@@ -408,6 +450,30 @@ def test_render_prints_valid_config_that_loads_to_the_same_settings(tmp_path: Pa
     ("[provider]\ntimeout = 10\n", {}, r"provider\.timeout: expected a duration string"),
     ("[provider]\ntimeout = 'P1M'\n", {}, r"provider\.timeout: .*months are not allowed"),
     ("[provider]\ntimeout = '0s'\n", {}, r"provider\.timeout: must be longer than zero"),
+    # below 1 s a healthy provider's answer (a rotated token) is lost to the timeout
+    ("[provider]\ntimeout = '500ms'\n", {}, r"provider\.timeout: must be at least 1s, not 0\.5s"),
+    ("[provider]\ntimeout = '0.999s'\n", {}, r"provider\.timeout: must be at least 1s"),
+    ("", {"TOKEND_PROVIDER__TIMEOUT": "10ms"}, r"provider\.timeout: must be at least 1s"),
+    ("[provider]\ntimeout = '1s'\n", {}, None),
+    ("[provider]\ntimeout = '5m'\n", {}, None),
+    ("[provider]\ntimeout = '301s'\n", {}, r"provider\.timeout: must be at most 5m, not 301s"),
+    ("[provider]\ntimeout = '3000000d'\n", {}, r"provider\.timeout: .*too long"),
+    # durations that would overflow a date in the daemon (now + d, expiry - d)
+    ("[provider]\nrefresh_token_ttl = 'P99999Y'\n", {},
+     r"provider\.refresh_token_ttl: .*too long"),
+    ("[provider]\nrefresh_token_ttl = '3000000d'\n", {},
+     r"provider\.refresh_token_ttl: .*too long"),
+    ("[provider]\nrefresh_token_ttl = 'P999Y999999D'\n", {},
+     r"provider\.refresh_token_ttl: .*too long"),
+    ("[schedule]\ninterval = '3000000d'\nretry_max = '3000000d'\n", {},
+     r"schedule\.interval: .*too long"),
+    ("[schedule]\nretry_max = '500000w'\n", {}, r"schedule\.retry_max: .*too long"),
+    ("", {"TOKEND_SCHEDULE__REFRESH_BEFORE": "P9000000D"},
+     r"schedule\.refresh_before: .*too long"),
+    ("[schedule]\nreconsent_before = 'P900Y99999D'\n", {},
+     r"schedule\.reconsent_before: .*too long"),
+    ("[schedule]\nmax_grant_age = '3000000d'\n", {}, r"schedule\.max_grant_age: .*too long"),
+    ("[schedule]\nmax_grant_age = 'P1000Y'\n", {}, None),  # the longest: still fits
     ("[provider]\nrefresh_token_ttl = 'PT0S'\n", {},
      r"provider\.refresh_token_ttl: must be longer than zero"),
     ("[provider]\nrefresh_token_ttl = 'one month'\n", {},

@@ -58,6 +58,22 @@ def test_absurdly_long_durations_are_a_value_error_not_an_overflow(text: str) ->
         Duration.parse(text)
 
 
+@pytest.mark.parametrize("text", ["3000000d", "400000w", "P9000000D", "P999Y999999D",
+                                  "P1000Y1D", "PT99999999999S", "P12000MT1S"])
+def test_durations_that_would_overflow_a_date_are_refused(text: str) -> None:
+    # These parsed, and then ``now + d`` raised OverflowError in the middle of a pass.
+    with pytest.raises(ValueError, match=r"too long \(at most 1000 years\)"):
+        Duration.parse(text)
+
+
+@pytest.mark.parametrize("text", ["P1000Y", "372000d", "P999Y11M", "53142w"])
+def test_every_accepted_duration_fits_any_date_the_daemon_computes(text: str) -> None:
+    d = Duration.parse(text)
+    now = datetime(2100, 1, 1, tzinfo=UTC)
+    assert d.after(now).year < 9999 and d.before(datetime(1970, 1, 1, tzinfo=UTC)).year > 1
+    assert now + d.approx() * 3 > now  # ready(): interval * 3; lead * (1 + jitter)
+
+
 @pytest.mark.parametrize(("start", "text", "expected"), [
     # A month is a calendar month, clamped to the end of a shorter month.
     ("2023-01-31T10:00:00", "P1M", "2023-02-28T10:00:00"),

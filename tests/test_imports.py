@@ -238,6 +238,13 @@ INVALID_RECORDS = [
     (good(user_id=""), "field 'user_id' must be a non-empty string or integer"),
     (good(user_id="u" * 256), "field 'user_id' is too long"),
     (good(tenant_id={"id": 1}), "field 'tenant_id' must be a non-empty string or integer"),
+    # the provider client sends only RFC 6749 VSCHAR: such a grant could never be refreshed
+    (good(access_token="AT-\u00fc-secret"), "field 'access_token' is not printable ASCII text"),
+    (good(refresh_token="RT-\u00a0-secret"), "field 'refresh_token' is not printable ASCII text"),
+    (good(refresh_token="RT-\u20ac-secret"), "field 'refresh_token' is not printable ASCII text"),
+    (good(refresh_token="RT-\U0001f511"), "field 'refresh_token' is not printable ASCII text"),
+    # max_grant_age counts from it; a far future date overflowed there
+    (good(consented_at="8999-01-01T00:00:00Z"), "field 'consented_at' is in the future"),
 ]
 
 
@@ -281,6 +288,18 @@ def test_an_invalid_record_imports_nothing(capsys: pytest.CaptureFixture[str],
             "expires_in": 60}),
      "import: record 3: field 'client': a second client_credentials grant for 'other' "
      "(the first is record 1)"),
+    # one refresh token is one chain at the provider: two grants would spend it twice
+    (lines(good(1), good(2), good(3, refresh_token="RT-1-secret")),
+     "import: record 3: field 'refresh_token': the same refresh token as record 1 "
+     "(a refresh token can be used only once)"),
+    (lines(good(1), good(2, client="other"), good(3, client="other", refresh_token="RT-2-secret")),
+     "import: record 3: field 'refresh_token': the same refresh token as record 2"),
+    (lines(good(1), good(2), good(3, user_id=1)),
+     "import: record 3: field 'user_id': a second grant of client 'main' for user '1' "
+     "(the first is record 1)"),
+    (lines(good(1), good(2, user_id="7"), good(3), good(4, user_id=7)),
+     "import: record 4: field 'user_id': a second grant of client 'main' for user '7' "
+     "(the first is record 2)"),
 ])
 def test_invalid_input_imports_nothing(capsys: pytest.CaptureFixture[str], config_path: Path,
                                        text: str, message: str) -> None:
@@ -323,6 +342,26 @@ def test_a_conflict_in_the_database_rolls_back_the_whole_file(
     assert err.startswith("tokend: import: a client_credentials grant of a client in the file "
                           "is already stored")
     assert [g["grant_type"] for g in listed(capsys, backend_config)] == ["client_credentials"]
+
+
+def test_a_user_who_already_has_a_grant_is_refused_and_nothing_is_imported(
+        capsys: pytest.CaptureFixture[str], backend_config: Path) -> None:
+    assert run_import(capsys, backend_config, lines(good(1), good(2)))[0] == 0
+    # The same user of another client, and grants without a user, are no duplicates.
+    assert run_import(capsys, backend_config, lines(
+        good(5, client="other", user_id=2), good(6, user_id=None), good(7, user_id=None)))[0] == 0
+    code, out, err = run_import(capsys, backend_config,
+                                lines(good(3), good(9, user_id=2), good(4)))
+    assert (code, out) == (1, "")
+    assert err == ("tokend: import: record 2: field 'user_id': user '2' of client 'main' "
+                   "already has grant 2 (delete it first, or re-consent with tokend authorize); "
+                   "nothing was imported\n")
+    assert "RT-9-secret" not in err
+    assert [g["id"] for g in listed(capsys, backend_config)] == [1, 2, 3, 4, 5]
+    assert main(["--config", str(backend_config), "grants", "delete", "2"]) == 0
+    capsys.readouterr()
+    code, out, _ = run_import(capsys, backend_config, lines(good(3), good(9, user_id=2)))
+    assert (code, out) == (0, "imported 2 grant(s) (ids 6-7)\n")
 
 
 def test_import_from_stdin(tmp_path: Path, config_path: Path) -> None:

@@ -81,3 +81,49 @@ def test_keys_generate_needs_no_config(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "tokend", "keys", "generate"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=30)
     assert done.returncode == 0 and len(done.stdout.strip()) == 44
+
+
+@pytest.mark.parametrize("command", [("grants", "list"), ("run", "--once"), ("db", "upgrade"),
+                                     ("grants", "import", "-"), ("token", "1")])
+def test_a_lost_key_beside_an_existing_database_is_an_error_not_a_new_key(
+        tmp_path: Path, command: tuple[str, ...]) -> None:
+    key = tmp_path / "tokend-key"
+    db = tmp_path / "tokend.db"
+    config = write_config(tmp_path, f"sqlite:///{db}", key_file=key)
+    assert tokend(config, "grants", "import", "-", stdin=json.dumps(IMPORT)).returncode == 0
+    key.unlink()  # lost: a restore without it, a typo in key_file, another working directory
+    before = db.read_bytes()
+    done = tokend(config, *command, stdin=json.dumps([dict(IMPORT[0], user_id=2)]))
+    assert (done.returncode, done.stdout) == (78, "")
+    assert done.stderr == (f"tokend: encryption.key_file: {key} does not exist, but the "
+                           f"database {db} does: restore the key file its tokens were encrypted "
+                           "with (a new key is created only together with a new database)\n")
+    assert not key.exists() and db.read_bytes() == before
+
+
+def test_a_new_key_is_durable_before_the_new_database_uses_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from tokend.config import load_config
+    from tokend.crypto import cipher_for
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    key = tmp_path / "keys" / "tokend-key"
+    db = tmp_path / "tokend.db"
+    db.touch()  # an empty file holds no token: still a new database
+    config = load_config(write_config(tmp_path, f"sqlite:///{db}", key_file=key), env={})
+    cipher = cipher_for(config, create=True)
+    assert cipher.keys[0].value == key.read_text().strip()
+    # the key's content (under its temporary name), then the directory that links it
+    assert len(synced) == 2 and synced[1] == str(key.parent), synced
+    assert synced[0].startswith(str(key.parent / ".tokend-key.")), synced
+    assert sorted(p.name for p in key.parent.iterdir()) == ["tokend-key"]
+    assert oct(key.stat().st_mode & 0o777) == "0o600"

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
@@ -164,6 +167,49 @@ def test_authorize_failures_store_nothing(config: Config, store_for: Callable[..
     assert code == 1 and message in err
     assert "nothing stored" in err
     assert list(store.iter_grants()) == []
+
+
+@pytest.mark.parametrize("intruders", ["idle", "partial", "favicon", "many_idle"])
+def test_idle_connections_do_not_block_the_authorize_listener(
+        config: Config, store_for: Callable[..., Store], intruders: str) -> None:
+    """A browser pre-connects (and asks for /favicon.ico) before it follows the redirect;
+    a scanner opens connections and sends nothing. The real callback is still served."""
+    store = store_for(config)
+    opened: list[socket.socket] = []
+    answers: list[bytes] = []
+    follow = browser()
+
+    def on_url(url: str) -> None:
+        redirect = urlsplit(parse_qs(urlsplit(url).query)["redirect_uri"][0])
+        address = (redirect.hostname or "", redirect.port or 80)
+        for _ in range(40 if intruders == "many_idle" else 1):
+            opened.append(socket.create_connection(address, timeout=5))
+        if intruders == "partial":
+            opened[0].sendall(b"GET /callback?code=x")
+        elif intruders == "favicon":
+            opened[0].sendall(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")
+            answers.append(opened[0].recv(100))
+        time.sleep(0.3)  # the listener has accepted them before the real redirect arrives
+        follow(url)
+
+    def close_all() -> None:
+        for sock in opened:
+            sock.close()
+
+    # Before, the listener waited for the idle client forever (and so did its shutdown).
+    rescue = threading.Timer(10, close_all)
+    rescue.start()
+    t0 = time.monotonic()
+    try:
+        code, _out, err = run_authorize(config, store, on_url, timeout=15)
+    finally:
+        rescue.cancel()
+        close_all()
+    assert code == 0, err
+    assert time.monotonic() - t0 < 8
+    assert [g.user_id for g in store.iter_grants()] == ["1234"]
+    if intruders == "favicon":
+        assert answers[0].startswith(b"HTTP/1.0 404 ")  # only the callback path is answered
 
 
 def test_authorize_times_out(config: Config, store_for: Callable[..., Store]) -> None:

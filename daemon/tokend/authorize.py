@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import logs, policy
 from .config import Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
+from .listener import BoundedHTTPServer
 from .maintenance import event_payload
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
@@ -39,23 +40,34 @@ class _Callback:
     def __init__(self, path: str) -> None:
         self.path = path
         self.params: dict[str, str] | None = None
-        self.received = threading.Event()
+        self.received = threading.Event()  # set once the answer page is written
+        self._lock = threading.Lock()
+
+    def take(self, params: dict[str, str]) -> bool:
+        """Keep the first redirect only (requests are served concurrently)."""
+        with self._lock:
+            if self.params is not None:
+                return False
+            self.params = params
+            return True
 
 
 def _listener(address: tuple[str, int], callback: _Callback) -> HTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
-            if parts.path != callback.path or callback.received.is_set():
+            query = parse_qs(parts.query, keep_blank_values=True)
+            params = {k: v[0] for k, v in query.items()}
+            if parts.path != callback.path or not callback.take(params):
                 self._page(404, "Not found", "This is tokend's consent listener.")
                 return
-            query = parse_qs(parts.query, keep_blank_values=True)
-            callback.params = {k: v[0] for k, v in query.items()}
-            ok = "code" in callback.params and "error" not in callback.params
-            self._page(200 if ok else 400,
-                       "Authorization received" if ok else "Authorization not granted",
-                       "You can close this window and return to the terminal.")
-            callback.received.set()
+            ok = "code" in params and "error" not in params
+            try:
+                self._page(200 if ok else 400,
+                           "Authorization received" if ok else "Authorization not granted",
+                           "You can close this window and return to the terminal.")
+            finally:  # a browser gone meanwhile: the code is still there to exchange
+                callback.received.set()
 
         def _page(self, code: int, title: str, text: str) -> None:
             body = _PAGE.format(title=title, text=text).encode()
@@ -68,7 +80,10 @@ def _listener(address: tuple[str, int], callback: _Callback) -> HTTPServer:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    return HTTPServer(address, Handler)
+    # An idle connection (a browser's pre-connect, a scanner) must not block the
+    # redirect: each request is served on its own, in bounded time.
+    return BoundedHTTPServer(address, Handler, name="tokend-authorize-http",
+                             max_connections=16, workers=2)
 
 
 def authorize(config: Config, *, client: str, listen: str | None = None,

@@ -151,7 +151,8 @@ def _content_type(headers: Mapping[str, str]) -> str:
     return value.split(";")[0].strip()[:60]
 
 
-def _is_token(value: object) -> TypeGuard[str]:
+def is_token(value: object) -> TypeGuard[str]:
+    """The one rule for a token or code: 1*VSCHAR (printable ASCII, RFC 6749)."""
     return isinstance(value, str) and _VSCHAR.fullmatch(value) is not None
 
 
@@ -330,7 +331,7 @@ def parse_token_response(
         raise bad("token response is not a JSON object")
 
     access_token = data.get("access_token")
-    if not _is_token(access_token):
+    if not is_token(access_token):
         raise bad("access_token is missing, empty or not printable ASCII text")
 
     expires_in = _expires_in(data.get("expires_in"))
@@ -347,7 +348,7 @@ def parse_token_response(
     raw_refresh = data.get("refresh_token")
     refresh_token: str | None = None
     if raw_refresh is not None:
-        if not _is_token(raw_refresh):
+        if not is_token(raw_refresh):
             raise bad("refresh_token is empty or not printable ASCII text")
         refresh_token = raw_refresh
 

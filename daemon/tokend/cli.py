@@ -230,7 +230,7 @@ def _grants_show(args: argparse.Namespace, config: Config) -> int:
 def _grants_import(args: argparse.Namespace, config: Config) -> int:
     from sqlalchemy.exc import IntegrityError
 
-    from .imports import parse_records, validate
+    from .imports import check_stored, parse_records, validate
     from .policy import initial
     from .store import utcnow
 
@@ -249,7 +249,8 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
     store = _open(config)
     try:
         now = store.clock()
-        ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule))
+        ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
+                                  check=lambda stored: check_stored(records, stored))
     except IntegrityError:
         # The only unique constraint a new row can break: one client_credentials grant
         # per client (the daemon creates it for clients with client_credentials = true).

@@ -9,9 +9,10 @@ from __future__ import annotations
 import ipaddress
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +22,8 @@ from .durations import Duration, format_timedelta, parse_timedelta
 from .errors import ConfigError
 
 ENV_PREFIX = "TOKEND_"
+MIN_TIMEOUT = timedelta(seconds=1)
+MAX_TIMEOUT = timedelta(minutes=5)
 AuthMethod = Literal["client_secret_post", "client_secret_basic"]
 
 
@@ -39,26 +42,60 @@ class Secret:
         return bool(self.value)
 
 
-def mask_url(url: str) -> str:
-    """``url`` with a password (in the user info or a ``password=`` parameter) masked."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        # Unparseable: mask the whole user info rather than risk printing a password.
-        scheme, sep, rest = url.partition("://")
-        if sep and "@" in rest:
-            return f"{scheme}://********@{rest.rsplit('@', 1)[1]}"
-        return url
-    if password:
-        url = url.replace(f":{password}@", ":********@", 1)
-    if parts.query:
+MASK = "********"
+# The user info as SQLAlchemy reads a database URL (a user without ':' or '/', a password
+# up to the first '@'), so a password holding '/', '#' or '?' is still found; urlsplit
+# ends the authority at those and would print the rest of the password as a path.
+_USERINFO = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@]*)"
+                       r"(?::(?P<password>[^@]*))?@")
+
+
+def mask_url(url: str, *, keep_user: bool = True) -> str:
+    """``url`` with its password (user info or ``password=`` parameter) masked.
+
+    ``keep_user=False`` masks the whole user info (an http URL may carry a token as
+    the user name).
+    """
+    m = _USERINFO.match(url)
+    if m:
+        shown = m["user"] if keep_user else ""
+        if not keep_user or m["password"] is not None:
+            shown += (":" if keep_user else "") + MASK
+        url = f"{m['scheme']}{shown}@{url[m.end():]}"
+    head, sep, query = url.partition("?")
+    if sep:
+        query, hash_, fragment = query.partition("#")
         query = "&".join(
-            f"{k}=********" if k.lower() == "password" else f"{k}{sep}{v}"
-            for k, sep, v in (item.partition("=") for item in parts.query.split("&"))
-        )
-        url = url.replace("?" + parts.query, "?" + query, 1)
-    return url
+            f"{k}={MASK}" if k.lower() == "password" else f"{k}{eq}{v}"
+            for k, eq, v in (item.partition("=") for item in query.split("&"))
+        ) + hash_ + fragment
+    return head + sep + query
+
+
+def mask_webhook(url: str) -> str:
+    """A webhook URL's path and query often are its secret: only where it goes is shown."""
+    if not url:
+        return url
+    parts = urlsplit(mask_url(url, keep_user=False))
+    if parts.path in ("", "/") and not parts.query and not parts.fragment:
+        return parts.geturl()
+    return f"{parts.scheme}://{parts.netloc}/{MASK}"
+
+
+def _repr_masked(obj: Any, masks: Mapping[str, Callable[[str], str]]) -> str:
+    """The dataclass repr, with the URL fields masked as ``check-config`` shows them."""
+    shown = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in masks and isinstance(value, str):
+            value = masks[f.name](value)
+        if f.repr:
+            shown.append(f"{f.name}={value!r}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
+
+
+def _hide_user(url: str) -> str:
+    return mask_url(url, keep_user=False)
 
 
 @dataclass(frozen=True)
@@ -72,6 +109,16 @@ class DatabaseConfig:
     def is_sqlite(self) -> bool:
         return self.url.startswith("sqlite")
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file (None: PostgreSQL, in memory, or a ``file:`` URI)."""
+        if not self.is_sqlite or "///" not in self.url:
+            return None
+        path = self.url.split("///", 1)[1].split("?", 1)[0]
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return Path(path)
+
 
 @dataclass(frozen=True)
 class ProviderConfig:
@@ -83,6 +130,10 @@ class ProviderConfig:
     timeout: timedelta = timedelta(seconds=10)
     verify_tls: bool = True
 
+    def __repr__(self) -> str:
+        return _repr_masked(self, dict.fromkeys(("authorize_url", "token_url", "user_url"),
+                                                _hide_user))
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -92,6 +143,9 @@ class ClientConfig:
     auth_method: AuthMethod = "client_secret_post"
     redirect_uri: str | None = None
     client_credentials: bool = False
+
+    def __repr__(self) -> str:
+        return _repr_masked(self, {"redirect_uri": _hide_user})
 
 
 @dataclass(frozen=True)
@@ -137,6 +191,9 @@ class EncryptionConfig:
 class NotifyConfig:
     webhook_url: str = ""
     webhook_secret: Secret | None = None
+
+    def __repr__(self) -> str:
+        return _repr_masked(self, {"webhook_url": mask_webhook})
 
 
 DEFAULT_REMINDERS = (Duration(delta=timedelta(days=7)), Duration(delta=timedelta(days=3)),
@@ -331,7 +388,11 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
         refresh_token_ttl=r.duration("provider", "refresh_token_ttl", p.refresh_token_ttl,
                                      positive=True),
         rate_limit=r.number("provider", "rate_limit", p.rate_limit, minimum=0),
-        timeout=r.timedelta("provider", "timeout", p.timeout, positive=True),
+        # Below 1 s a slow but healthy provider times out after it has already rotated the
+        # refresh token (the answer is lost); the lease is six timeouts long, and a stop
+        # waits for calls in flight, so the timeout has an upper bound too.
+        timeout=r.timedelta("provider", "timeout", p.timeout, positive=True, minimum=MIN_TIMEOUT,
+                            maximum=MAX_TIMEOUT),
         verify_tls=r.boolean("provider", "verify_tls", p.verify_tls),
     )
 
@@ -459,11 +520,9 @@ def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> Stat
         if not path.is_absolute() and r.source is not None:
             path = r.source.parent / path
         return StateConfig(dir=path.absolute(), origin="[state] dir")
-    if database.is_sqlite:
-        db_path = database.url.split("///", 1)[1] if "///" in database.url else ""
-        if db_path and db_path != ":memory:" and not db_path.startswith("file:"):
-            return StateConfig(dir=Path(db_path).absolute().parent,
-                               origin="the SQLite file's directory")
+    db_path = database.sqlite_path
+    if db_path is not None:
+        return StateConfig(dir=db_path.absolute().parent, origin="the SQLite file's directory")
     return StateConfig()
 
 
@@ -560,7 +619,8 @@ class _Reader:
         except ValueError:
             ok = False
         if not ok or any(ch.isspace() for ch in value):
-            raise ConfigError(f"{section}.{key}: must be an http(s) URL, not {value!r}")
+            raise ConfigError(f"{section}.{key}: must be an http(s) URL, "
+                              f"not {_hide_user(value)!r}")
         return value
 
     def boolean(self, section: str, key: str, default: bool,
@@ -616,13 +676,20 @@ class _Reader:
         return d
 
     def timedelta(self, section: str, key: str, default: timedelta, *,
-                  positive: bool = False) -> timedelta:
+                  positive: bool = False, minimum: timedelta | None = None,
+                  maximum: timedelta | None = None) -> timedelta:
         value = self._get(section, key, None)
         if value is None:
             return default
         d: timedelta = self.parse(section, key, parse_timedelta, value)
         if positive and d <= timedelta(0):
             raise ConfigError(f"{section}.{key}: must be longer than zero")
+        if minimum is not None and d < minimum:
+            raise ConfigError(f"{section}.{key}: must be at least {format_timedelta(minimum)}, "
+                              f"not {format_timedelta(d)}")
+        if maximum is not None and d > maximum:
+            raise ConfigError(f"{section}.{key}: must be at most {format_timedelta(maximum)}, "
+                              f"not {format_timedelta(d)}")
         return d
 
     def locate(self, name: str) -> Path:
@@ -720,9 +787,9 @@ def render(config: Config) -> str:
         f"# effective configuration (source: {config.source or 'built-in defaults'})",
         "[database]", f"url = {q(db)}", "",
         "[provider]",
-        f"authorize_url = {q(p.authorize_url)}",
-        f"token_url = {q(p.token_url)}",
-        f"user_url = {q(p.user_url)}",
+        f"authorize_url = {q(_hide_user(p.authorize_url))}",
+        f"token_url = {q(_hide_user(p.token_url))}",
+        f"user_url = {q(_hide_user(p.user_url))}",
         f"refresh_token_ttl = {q(str(p.refresh_token_ttl))}",
         f"rate_limit = {q(p.rate_limit)}",
         f"timeout = {q(format_timedelta(p.timeout))}",
@@ -734,7 +801,7 @@ def render(config: Config) -> str:
             f"client_id = {q(c.client_id)}",
             'client_secret = "********"',
             f"auth_method = {q(c.auth_method)}",
-            f"redirect_uri = {q(c.redirect_uri or '')}",
+            f"redirect_uri = {q(_hide_user(c.redirect_uri or ''))}",
             f"client_credentials = {q(c.client_credentials)}", "",
         ]
     lines += [
@@ -757,11 +824,11 @@ def render(config: Config) -> str:
         + (f"from {config.state.origin}" if config.state.dir
            else "not set: `tokend run` needs it with PostgreSQL"), "",
         "[notify]",
-        f"webhook_url = {q(config.notify.webhook_url)}",
+        f"webhook_url = {q(mask_webhook(config.notify.webhook_url))}",
         f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}", "",
         "[consent]",
         f"listen = {q(config.consent.listen)}",
-        f"public_url = {q(config.consent.public_url)}",
+        f"public_url = {q(_hide_user(config.consent.public_url))}",
         f"link_key = {q('********' if config.consent.link_key else '')}",
         f"link_ttl = {q(str(config.consent.link_ttl))}",
         "reminders = [" + ", ".join(q(str(d)) for d in config.consent.reminders) + "]",

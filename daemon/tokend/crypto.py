@@ -70,25 +70,63 @@ def generate_key() -> str:
 
 
 def create_key_file(path: Path) -> None:
-    """Create ``path`` with one new key, mode 0600, never overwriting an existing file."""
+    """Create ``path`` with one new key, mode 0600, never overwriting an existing file.
+
+    Durable before it is used: a power cut after the first token was encrypted with a
+    key that never reached the disk would leave every token unreadable. The key is
+    written and fsynced under a temporary name, then linked into place (atomic, and
+    fails if another process was first), then the directory is fsynced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(generate_key() + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            os.write(fd, (generate_key() + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _holds_data(db: Path) -> bool:
+    """An SQLite file (or its write-ahead log) that may hold encrypted tokens."""
+    try:
+        return any(p.stat().st_size > 0
+                   for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+    except OSError:
+        return True  # cannot tell: never risk a second key
 
 
 def cipher_for(config: Config, *, create: bool) -> Cipher:
     """The cipher of this configuration.
 
-    ``create``: a default SQLite set-up makes its own key file on first use, so nobody
-    stores clear tokens by accident. A PostgreSQL set-up must bring a key (several
-    replicas must share it), and refuses to start without one.
+    ``create``: a default SQLite set-up makes its own key file together with a NEW
+    database, so nobody stores clear tokens by accident. Beside an existing database a
+    missing key is an error: a new key could not read its tokens, and new grants under
+    a second key would hide that the first one is lost. A PostgreSQL set-up must bring
+    a key (several replicas must share it), and refuses to start without one.
     """
     enc = config.encryption
     if enc.keys:
         return Cipher(enc.keys)
     if enc.key_file is None:
         raise ConfigError("encryption.key_file: is required (tokens are always stored encrypted)")
+    if enc.key_file.exists():  # created since the configuration was loaded
+        return Cipher(read_keys(enc.key_file))
+    db = config.database.sqlite_path
+    if db is not None and _holds_data(db):
+        raise ConfigError(
+            f"encryption.key_file: {enc.key_file} does not exist, but the database {db} "
+            "does: restore the key file its tokens were encrypted with (a new key is "
+            "created only together with a new database)")
     if create and config.database.is_sqlite and not enc.from_credentials:
         try:
             create_key_file(enc.key_file)

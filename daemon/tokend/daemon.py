@@ -224,10 +224,28 @@ def _open_with_retry(config: Config, stop: threading.Event,
 
 
 def run_once(config: Config) -> int:
+    """One pass. SIGTERM or SIGINT (a cron job's timeout, systemd stopping a oneshot
+    unit, Ctrl-C) stops claiming as in ``run``: refreshes in flight finish and are
+    saved, claimed grants not yet sent are given back, and the exit code is that of
+    the pass so far. Dying at once would lose the rotated tokens in flight."""
     logs.configure(config.logging)
     state.prepare(config)
+    stop = threading.Event()
+    running: list[Maintenance] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        stop.set()
+        for maintenance in running:
+            maintenance.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     store = open_store(config, pool_size=config.schedule.concurrency + 2)
     daemon = Daemon(config, store)
+    running.append(daemon.maintenance)
+    if stop.is_set():  # a signal while opening the store: nothing claimed yet
+        daemon.maintenance.stop()
     try:
         result = daemon.maintenance.run_pass()
         daemon.notifier.deliver_due()
@@ -237,5 +255,7 @@ def run_once(config: Config) -> int:
         store.close()
     log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,
              failed=result.failed, skipped=result.skipped, failures=dict(result.failures),
-             duration_s=round(result.duration, 3))
+             duration_s=round(result.duration, 3), stopped=result.stopped)
+    if stop.is_set():
+        log.info("stopped")
     return 0 if result.ok else 1

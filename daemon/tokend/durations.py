@@ -26,6 +26,10 @@ _ISO = re.compile(
     r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<mi>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?$"
 )
 MAX_MONTHS = 12 * 1000  # beyond this a date can no longer be represented anyway
+# Any duration, months counted as 31 days: today plus (or a stored time minus) this
+# still fits a datetime (year 1 to 9999), also multiplied by a small factor, so a value
+# accepted at load time never raises OverflowError in the middle of a pass.
+MAX_SPAN = timedelta(days=31 * MAX_MONTHS)
 
 
 @dataclass(frozen=True, order=True)
@@ -42,7 +46,7 @@ class Duration:
         try:
             m = _SIMPLE.match(raw)
             if m:
-                return cls(0, float(m.group(1)) * _UNITS[m.group(2)])
+                return cls(0, float(m.group(1)) * _UNITS[m.group(2)])._bounded()
             iso = _ISO.match(raw.upper())
             if iso:
                 g = {k: v or "0" for k, v in iso.groupdict().items()}
@@ -56,13 +60,18 @@ class Duration:
                     minutes=int(g["mi"]),
                     seconds=float(g["s"]),
                 )
-                return cls(months, delta)
+                return cls(months, delta)._bounded()
         except OverflowError:
-            raise ValueError(f"duration {text!r} is too long") from None
+            raise ValueError(f"duration {text!r} is too long (at most 1000 years)") from None
         raise ValueError(
             f"invalid duration {text!r} "
             "(use e.g. '90s', '15m', '6h', '7d' or ISO 8601 'PT6H', 'P1M')"
         )
+
+    def _bounded(self) -> Duration:
+        if timedelta(days=31 * self.months) + self.delta > MAX_SPAN:
+            raise OverflowError
+        return self
 
     @classmethod
     def of(cls, delta: timedelta) -> Duration:

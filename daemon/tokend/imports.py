@@ -6,6 +6,7 @@ record (1-based) and the field, and never echo a token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .classify import is_token
 from .config import Config
 from .errors import InputError
 from .model import GrantType, NewGrant
@@ -62,20 +64,64 @@ def _reason(exc: BaseException) -> str:
 
 
 def validate(records: list[Any], config: Config, now: datetime) -> list[NewGrant]:
+    """The grants of ``records`` (record n is the n-th grant), or the first problem."""
     out = []
     cc_clients: dict[str, int] = {}  # a client has at most one client_credentials grant
+    users: dict[tuple[str, str], int] = {}  # (client, user) -> record
+    # Each refresh token is a one-time credential at the provider (rotation, reuse
+    # detection): two grants holding it would spend it twice, and the second refresh
+    # would revoke both. Kept as hashes, not as a second copy of every token.
+    refresh_tokens: dict[bytes, int] = {}
     for number, record in enumerate(records, 1):
         grant = _record(number, record, config, now)
+        where = f"import: record {number}"
         if grant.grant_type == GrantType.CLIENT_CREDENTIALS:
             if grant.client in cc_clients:
                 raise InputError(
-                    f"import: record {number}: field 'client': a second client_credentials "
+                    f"{where}: field 'client': a second client_credentials "
                     f"grant for {grant.client!r} (the first is record {cc_clients[grant.client]})")
             cc_clients[grant.client] = number
+        if grant.refresh_token is not None:
+            digest = hashlib.sha256(grant.refresh_token.encode("ascii")).digest()
+            if digest in refresh_tokens:
+                raise InputError(
+                    f"{where}: field 'refresh_token': the same refresh token as record "
+                    f"{refresh_tokens[digest]} (a refresh token can be used only once)")
+            refresh_tokens[digest] = number
+        key = _user_key(grant)
+        if key is not None:
+            if key in users:
+                raise InputError(
+                    f"{where}: field 'user_id': a second grant of client {key[0]!r} for user "
+                    f"{key[1]!r} (the first is record {users[key]})")
+            users[key] = number
         out.append(grant)
     if not out:
         raise InputError("import: no records")
     return out
+
+
+def _user_key(grant: NewGrant) -> tuple[str, str] | None:
+    """The (client, user) of a grant a user consented to; one such grant per pair."""
+    if grant.grant_type != GrantType.AUTHORIZATION_CODE or grant.user_id is None:
+        return None
+    return grant.client, grant.user_id
+
+
+def check_stored(grants: list[NewGrant], stored: Mapping[tuple[str, str], int]) -> None:
+    """Refuse the file if a user of it already has a grant of that client in the store.
+
+    Applications read one grant per user (``TokenStore.grant`` takes the newest), so a
+    second one would silently hide the first; replacing a user's grant is
+    ``tokend authorize``'s job, which keeps the id.
+    """
+    for number, grant in enumerate(grants, 1):
+        key = _user_key(grant)
+        if key is not None and key in stored:
+            raise InputError(
+                f"import: record {number}: field 'user_id': user {key[1]!r} of client "
+                f"{key[0]!r} already has grant {stored[key]} (delete it first, or re-consent "
+                "with tokend authorize); nothing was imported")
 
 
 def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
@@ -104,6 +150,14 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
         if _CONTROL.search(value):
             raise InputError(f"{where}: field {key!r} contains control characters")
         return value.strip() if ids else value
+
+    def token(key: str, *, required: bool = False) -> str | None:
+        value = string(key, required=required)
+        if value is not None and not is_token(value):
+            # The provider client sends nothing else (RFC 6749 VSCHAR); such a grant
+            # could never be refreshed.
+            raise InputError(f"{where}: field {key!r} is not printable ASCII text")
+        return value
 
     def moment(key: str) -> datetime | None:
         value = rec.get(key)
@@ -135,9 +189,9 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
     if grant_type not in (GrantType.AUTHORIZATION_CODE, GrantType.CLIENT_CREDENTIALS):
         raise InputError(f"{where}: field 'grant_type' must be authorization_code or "
                          f"client_credentials, not {grant_type!r}")
-    access = string("access_token", required=True)
+    access = token("access_token", required=True)
     assert access is not None
-    refresh = string("refresh_token")
+    refresh = token("refresh_token")
     if grant_type == GrantType.CLIENT_CREDENTIALS and refresh is not None:
         raise InputError(f"{where}: field 'refresh_token': client_credentials grants have none")
     if grant_type == GrantType.AUTHORIZATION_CODE and refresh is None:
@@ -145,6 +199,10 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
     obtained = moment("obtained_at") or now
     if obtained > now + timedelta(minutes=5):
         raise InputError(f"{where}: field 'obtained_at' is in the future")
+    consented = moment("consented_at") or obtained
+    if consented > now + timedelta(minutes=5):
+        # schedule.max_grant_age is counted from it: a far future date overflows there
+        raise InputError(f"{where}: field 'consented_at' is in the future")
     expires_at = moment("access_expires_at")
     expires_in = rec.get("expires_in")
     if expires_at is None and expires_in is None:
@@ -170,5 +228,5 @@ def _record(n: int, rec: Any, config: Config, now: datetime) -> NewGrant:
         client=client, grant_type=grant_type, access_token=access, access_expires_at=expires_at,
         obtained_at=obtained, refresh_token=refresh, refresh_expires_at=refresh_expires,
         user_id=user, tenant_id=string("tenant_id", ids=True),
-        consented_at=moment("consented_at") or obtained,
+        consented_at=consented,
     )

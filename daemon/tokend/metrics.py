@@ -10,13 +10,14 @@ import json
 import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
+from .listener import BoundedHTTPServer
 from .model import GrantType, Status
 from .store import Stats
 
@@ -170,8 +171,7 @@ class MetricsServer:
         self.metrics = metrics
         self.healthy = healthy
         self.ready = ready
-        self.server = ThreadingHTTPServer(address, Handler)
-        self.server.daemon_threads = True
+        self.server = BoundedHTTPServer(address, Handler, name="tokend-metrics-http")
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
             "poll_interval": 0.2}, name="tokend-metrics", daemon=True)
 

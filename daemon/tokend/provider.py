@@ -39,6 +39,7 @@ from .classify import (
     GrantKind,
     TokenResponse,
     classify_exception,
+    is_token,
     parse_token_response,
     parse_user_response,
 )
@@ -81,7 +82,7 @@ def _require_token(value: str, what: str) -> None:
     # a caller's bug must not flag a grant for re-consent. RFC 6749 allows only VSCHAR
     # (printable ASCII) in tokens and codes; anything else would fail while building
     # the header. Never quote the value itself.
-    if not isinstance(value, str) or not value or not (value.isascii() and value.isprintable()):
+    if not is_token(value):
         raise ValueError(f"{what} is empty or not printable ASCII text")
 
 

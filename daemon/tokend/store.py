@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -404,16 +404,41 @@ class Store:
             "in_doubt": False, "token_version": 0, "created_at": now, "updated_at": now,
         }
 
-    def insert_grants(self, grants: Sequence[NewGrant], decide: Decide) -> list[int]:
-        """Insert all grants in ONE transaction (all or nothing)."""
+    def insert_grants(self, grants: Sequence[NewGrant], decide: Decide, *,
+                      check: Callable[[Mapping[tuple[str, str], int]], None] | None = None,
+                      ) -> list[int]:
+        """Insert all grants in ONE transaction (all or nothing).
+
+        ``check`` sees, in the same transaction, the stored authorization-code grant of
+        each (client, user) of ``grants`` that has one, and may raise to insert nothing.
+        """
         now = self.clock()
         with self.tx() as conn:
+            if check is not None:
+                check(self._user_grants(conn, grants))
             ids = self._allocate_ids(conn, len(grants))
             for start in range(0, len(grants), _INSERT_CHUNK):
                 chunk = grants[start:start + _INSERT_CHUNK]
                 rows = [self._new_row(ids[start + i], g, now, decide) for i, g in enumerate(chunk)]
                 conn.execute(insert(G), rows)
         return ids
+
+    def _user_grants(self, conn: Connection, grants: Sequence[NewGrant],
+                     ) -> dict[tuple[str, str], int]:
+        users: dict[str, set[str]] = {}
+        for g in grants:
+            if g.user_id is not None and g.grant_type == GrantType.AUTHORIZATION_CODE.value:
+                users.setdefault(g.client, set()).add(g.user_id)
+        found: dict[tuple[str, str], int] = {}
+        for client, ids in users.items():
+            wanted = sorted(ids)
+            for start in range(0, len(wanted), 1000):
+                rows = conn.execute(select(G.c.user_id, G.c.id).where(
+                    G.c.client == client, G.c.user_id.in_(wanted[start:start + 1000]),
+                    G.c.grant_type == GrantType.AUTHORIZATION_CODE.value))
+                for user_id, gid in rows:
+                    found[(client, user_id)] = min(gid, found.get((client, user_id), gid))
+        return found
 
     def consent(self, new: NewGrant, decide: Decide,
                 event: Callable[[Grant, Status | None], dict[str, Any] | None] | None = None,
