@@ -146,7 +146,7 @@ class World:
         decrypt = self.store.cipher.decrypt
         return [Row(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]),
                     decrypt(r[7], grant_id=r[0]) if r[7] else None,
-                    decrypt(r[8], grant_id=r[0]) if r[8] else None, r[9]) for r in found]
+                    decrypt(r[8], grant_id=r[0]) if r[8] else None, _utc(r[9])) for r in found]
 
     def rejected_access(self, patience: float = 5.0) -> dict[int, str]:
         """Grants whose stored access token DOT refuses (or accepts for another user).
@@ -197,6 +197,14 @@ class World:
         self.engine.dispose()
 
 
+def _utc(value: datetime | str | None) -> datetime | None:
+    """A timestamp as raw SQL returns it (SQLite: text) made an aware UTC datetime."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 @pytest.fixture
 def world(tmp_path: Path, db_url: str) -> Iterator[World]:
     w = World(tmp_path, db_url)
@@ -206,13 +214,15 @@ def world(tmp_path: Path, db_url: str) -> Iterator[World]:
         w.close()
 
 
-def _wait_in_flight(world: World, d: fl.Daemon, timeout: float = 30) -> dict[str, Any]:
-    """Until DOT holds at least one committed rotation whose answer tokend has not got."""
+def _wait_in_flight(world: World, d: fl.Daemon, *, at_least: int = 1,
+                    timeout: float = 40) -> dict[str, Any]:
+    """Until DOT holds ``at_least`` token requests whose answers tokend has not got (after
+    every grant was refreshed once: the daemon is in its steady state)."""
     def busy() -> dict[str, Any] | None:
         if not d.running:
             raise AssertionError(f"tokend exited: {d.output()}")
         stats = world.dot.stats()
-        return stats if stats["in_flight"] and stats["rotations"] >= N else None
+        return stats if stats["in_flight"] >= at_least and stats["rotations"] >= N else None
 
     return dict(fl.wait_until(busy, timeout, interval=0.01, what="a refresh in flight"))
 
@@ -272,6 +282,11 @@ def test_grants_stay_valid_for_minutes_and_sigterm_loses_nothing(world: World) -
 # --------------------------------------------------------------------------- (b)
 
 
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="issue 9 item 1: a restart leaves the dead process's leases for the whole lease "
+           "(2 min), so its claimed grants keep a refused access token; passes with the "
+           "owner-file takeover (branch i9-leases): remove this mark when merging it")
 def test_kill_9_mid_run_and_restart(world: World) -> None:
     """(b) kill -9 while DOT holds committed rotations, then restart at once.
 
@@ -282,7 +297,7 @@ def test_kill_9_mid_run_and_restart(world: World) -> None:
     restart DOT accepts its stored access token. Nothing else is broken silently."""
     world.import_grants(N)
     d = world.daemon("first")
-    stats = _wait_in_flight(world, d)
+    stats = _wait_in_flight(world, d, at_least=2)
     at_kill = stats["in_flight"]
     d.signal(signal.SIGKILL)
     assert d.wait(10) == -signal.SIGKILL
@@ -307,7 +322,7 @@ def test_kill_9_mid_run_and_restart(world: World) -> None:
         return (now, bad) if not bad else None
 
     try:
-        final, _ = fl.wait_until(settled, ACCESS_TTL + 8, interval=0.5,
+        fl.wait_until(settled, ACCESS_TTL + 8, interval=0.5,
                                  what="every grant served again after the restart")
     except AssertionError:
         now = world.rows()
@@ -320,7 +335,13 @@ def test_kill_9_mid_run_and_restart(world: World) -> None:
             f"'ok' with an expired access token {expired} (lost in flight: {sorted(lost)}, "
             f"leased at the kill: {sorted(leased)})") from None
     resolved_in = time.monotonic() - t0
+    # The rest is checked at rest: a graceful stop, then every stored token asked at DOT.
+    restarted.signal(signal.SIGTERM)
+    assert restarted.wait(20) == 0, restarted.output()
+    world.dot.wait_idle()
     stats = world.dot.stats()
+    final = world.rows()
+    assert world.rejected_access(patience=0) == {}
     flagged = {r.id: (r.status, r.reason) for r in final if r.status != "ok"}
     assert set(flagged) <= lost, f"healthy grants flagged: {flagged}"
     assert all(v == ("reconsent_required", "rotation_lost") for v in flagged.values()), flagged
