@@ -56,6 +56,7 @@ def _dot_installed() -> None:
 @dataclass
 class Row:
     id: int
+    client: str
     grant_type: str
     user_id: str | None
     status: str
@@ -65,6 +66,7 @@ class Row:
     access_token: str | None
     refresh_token: str | None
     access_expires_at: datetime | None
+    last_error: str | None
 
 
 class World:
@@ -75,16 +77,25 @@ class World:
         self.db_url = db_url
         self.dot = dotlib.DotProcess(workdir, access_ttl=ACCESS_TTL, latency=LATENCY)
         self.daemons: list[fl.Daemon] = []
-        key = workdir / "tokend-key"
-        key.write_text(generate_key() + "\n")
-        key.chmod(0o600)
+        self.key = workdir / "tokend-key"
+        self.key.write_text(generate_key() + "\n")
+        self.key.chmod(0o600)
+        self.config_path = workdir / "tokend.toml"
+        self.write_config()
+        done = fl.tokend(self.config_path, "db", "upgrade")
+        assert done.returncode == 0, done.stderr
+        self.store = open_store(load_config(self.config_path, env={}))
+        self.engine = create_engine(db_url)
+
+    def write_config(self, *, secret: str = dotlib.WEB_SECRET, main_cc: bool = False) -> None:
+        """tokend's config for DOT; ``main_cc`` asks DOT's authorization-code application
+        for client-credentials tokens too (DOT ties one grant type to an application)."""
         base = self.dot.base_url
         # What an operator would write for 12 s access tokens: a pass every 2 s, refresh
         # with 7 s left (the 0-10 % spread makes it up to 7.7 s).
-        self.config_path = workdir / "tokend.toml"
         self.config_path.write_text(textwrap.dedent(f"""\
             [database]
-            url = "{db_url}"
+            url = "{self.db_url}"
 
             [provider]
             authorize_url = "{base}/o/authorize/"
@@ -95,9 +106,10 @@ class World:
 
             [clients.main]
             client_id = "{dotlib.WEB_ID}"
-            client_secret = "{dotlib.WEB_SECRET}"
+            client_secret = "{secret}"
             auth_method = "client_secret_post"
             redirect_uri = "{dotlib.REDIRECT_URI}"
+            client_credentials = {str(main_cc).lower()}
 
             [clients.machine]
             client_id = "{dotlib.MACHINE_ID}"
@@ -118,15 +130,11 @@ class World:
             level = "info"
 
             [state]
-            dir = "{workdir / 'state'}"
+            dir = "{self.workdir / 'state'}"
 
             [encryption]
-            key_file = "{key}"
+            key_file = "{self.key}"
             """))
-        done = fl.tokend(self.config_path, "db", "upgrade")
-        assert done.returncode == 0, done.stderr
-        self.store = open_store(load_config(self.config_path, env={}))
-        self.engine = create_engine(db_url)
 
     def import_grants(self, n: int) -> None:
         path = self.dot.seed(n, self.workdir / "import.json")
@@ -141,12 +149,14 @@ class World:
     def rows(self) -> list[Row]:
         with self.engine.connect() as conn:
             found = conn.execute(text(
-                "SELECT id, grant_type, user_id, status, reason, lease_owner, in_doubt, "
-                "access_token, refresh_token, access_expires_at FROM grants ORDER BY id")).all()
+                "SELECT id, client, grant_type, user_id, status, reason, lease_owner, in_doubt, "
+                "access_token, refresh_token, access_expires_at, last_error "
+                "FROM grants ORDER BY id")).all()
         decrypt = self.store.cipher.decrypt
-        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]),
-                    decrypt(r[7], grant_id=r[0]) if r[7] else None,
-                    decrypt(r[8], grant_id=r[0]) if r[8] else None, _utc(r[9])) for r in found]
+        return [Row(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]),
+                    decrypt(r[8], grant_id=r[0]) if r[8] else None,
+                    decrypt(r[9], grant_id=r[0]) if r[9] else None, _utc(r[10]), r[11])
+                for r in found]
 
     def rejected_access(self, patience: float = 5.0) -> dict[int, str]:
         """Grants whose stored access token DOT refuses (or accepts for another user).
@@ -353,3 +363,68 @@ def test_kill_9_mid_run_and_restart(world: World) -> None:
     print(f"\nDOT (b): kill -9 with {at_kill} in flight, {len(leased)} leased; "
           f"{len(lost)} rotations lost, {len(flagged)} flagged reconsent_required; "
           f"reuse {stats['reuse']}; all others served {resolved_in:.1f}s after the restart")
+
+
+# --------------------------------------------------------------------------- (d)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # about answers, not the store
+def test_refused_client_spends_nothing_and_a_refused_grant_type_blocks_nothing(
+        world: World) -> None:
+    """DOT's answers to a client at fault, as tokend classifies them.
+
+    A wrong secret: DOT answers ``401 invalid_client`` (checked before the refresh
+    token, so nothing is spent): no grant may be flagged, every refresh token stays
+    live. Then the operator fixes the secret and, by mistake, also asks for a
+    client-credentials token of the authorization-code application (DOT allows one
+    grant type per application: ``400 unauthorized_client``): the user grants of that
+    client must be served again at once all the same, no token presented twice."""
+    world.write_config(secret="not-the-secret")
+    world.import_grants(N)
+    d = world.daemon("wrong-secret")
+
+    def refused() -> bool:
+        assert d.running, d.output()
+        return world.dot.stats()["errors"].get("refresh_token:invalid_client", 0) >= 1
+
+    fl.wait_until(refused, 30, interval=0.2, what="DOT refusing the client")
+    time.sleep(3 * 2)  # three passes; the imported access tokens run out meanwhile
+    d.signal(signal.SIGTERM)
+    assert d.wait(20) == 0, d.output()
+    world.dot.wait_idle()
+    rows = world.rows()
+    stats = world.dot.stats()
+    assert stats["rotations"] == stats["reuse"] == 0, stats
+    assert [(r.id, r.status, r.reason) for r in rows if r.status != "ok"] == []
+    assert world.dead_refresh(rows) == {}, "a refused client spent a refresh token"
+    refusals = stats["errors"].get("refresh_token:invalid_client", 0)
+
+    world.write_config(main_cc=True)
+    world.dot.reset_stats()
+    fixed = world.daemon("fixed")
+    t0 = time.monotonic()
+
+    def served() -> bool:
+        assert fixed.running, fixed.output()
+        users = {r.id: r for r in world.rows() if r.grant_type != "client_credentials"}
+        bad = set(world.rejected_access(patience=1)) & set(users)
+        return len(users) == N and not bad and all(r.status == "ok" for r in users.values())
+
+    fl.wait_until(served, 10 + ACCESS_TTL + 5, interval=0.5,
+                  what="the user grants served again after the fix")
+    recovered_in = time.monotonic() - t0
+    fixed.signal(signal.SIGTERM)
+    assert fixed.wait(20) == 0, fixed.output()
+    world.dot.wait_idle()
+    stats = world.dot.stats()
+    rows = world.rows()
+    assert stats["reuse"] == stats["revoked"] == stats["unknown_refresh"] == 0, stats
+    assert set(stats["errors"]) <= {"client_credentials:unauthorized_client"}, stats
+    users = [r for r in rows if r.grant_type != "client_credentials"]
+    assert world.dead_refresh(users) == {}
+    cc_main = [r for r in rows if r.client == "main" and r.grant_type == "client_credentials"]
+    assert len(cc_main) == 1 and cc_main[0].access_token is None, cc_main
+    assert "unauthorized_client" in (cc_main[0].last_error or ""), cc_main
+    print(f"\nDOT (d): invalid_client x{refusals} spent nothing, nothing flagged; after the fix "
+          f"every user grant served in {recovered_in:.1f}s; the refused client-credentials "
+          f"grant: status {cc_main[0].status}, {cc_main[0].last_error!r}")
