@@ -73,7 +73,7 @@ def serve(args: argparse.Namespace) -> None:
         request_queue_size = 64
 
     class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     httpd = make_server("127.0.0.1", args.port, get_wsgi_application(),
