@@ -35,10 +35,13 @@ def dot_importable() -> str | None:
 class DotProcess(fl.Proc):
     """DOT serving on 127.0.0.1 with a fresh SQLite database in ``workdir / "dot"``."""
 
-    def __init__(self, workdir: Path, *, access_ttl: float = 12, latency: float = 0.0) -> None:
+    def __init__(self, workdir: Path, *, access_ttl: float = 12, latency: float = 0.0,
+                 redirect_uri: str = REDIRECT_URI, pkce_required: bool = True) -> None:
+        self.redirect_uri = redirect_uri
         super().__init__([fl.PYTHON, str(SERVE), "serve", "--dir", str(workdir / "dot"),
                           "--access-ttl", str(access_ttl), "--latency", str(latency),
-                          "--client", f"{WEB_ID}:{WEB_SECRET}:{REDIRECT_URI}",
+                          *([] if pkce_required else ["--no-pkce"]),
+                          "--client", f"{WEB_ID}:{WEB_SECRET}:{redirect_uri}",
                           "--cc-client", f"{MACHINE_ID}:{MACHINE_SECRET}"],
                          workdir / "dot.log")
         self.session = requests.Session()

@@ -1,7 +1,7 @@
 """The django-oauth-toolkit test server as a process of its own, and its seeding helper.
 
 ``python tests/dot_server/serve.py serve --dir D [--access-ttl 12] [--latency 0.3]
---client ID:SECRET:REDIRECT_URI [--cc-client ID:SECRET]`` migrates a fresh SQLite file
+[--no-pkce] --client ID:SECRET:REDIRECT_URI [--cc-client ID:SECRET]`` migrates a fresh SQLite file
 in ``D``, registers the applications (confidential, client_secret_post; DOT stores
 the secret hashed, the clear one stays with the caller for tokend's config), and serves
 on a free loopback port, printing ``listening on http://127.0.0.1:PORT`` when ready.
@@ -27,8 +27,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def _django(workdir: Path, access_ttl: float, latency: float) -> None:
+def _django(workdir: Path, access_ttl: float, latency: float, pkce: bool) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "dot_server.settings"
+    os.environ["DOT_PKCE_REQUIRED"] = "1" if pkce else "0"
     os.environ["DOT_DB"] = str(workdir / "dot.sqlite3")
     os.environ["DOT_ACCESS_TTL"] = str(int(access_ttl))
     os.environ["DOT_LATENCY"] = str(latency)
@@ -54,7 +55,7 @@ def _register(client: str, grant_type: str) -> None:
 def serve(args: argparse.Namespace) -> None:
     workdir = Path(args.dir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _django(workdir, args.access_ttl, args.latency)
+    _django(workdir, args.access_ttl, args.latency, not args.no_pkce)
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -118,6 +119,8 @@ def main(argv: list[str]) -> None:
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--access-ttl", type=float, default=3600)
     s.add_argument("--latency", type=float, default=0.0)
+    s.add_argument("--no-pkce", action="store_true",
+                   help="PKCE_REQUIRED = False (DOT's default requires PKCE)")
     s.add_argument("--client", required=True, help="ID:SECRET:REDIRECT_URI")
     s.add_argument("--cc-client", default="", help="ID:SECRET (client_credentials)")
     d = sub.add_parser("seed")

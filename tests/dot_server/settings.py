@@ -1,7 +1,8 @@
 """Django settings of the DOT test server, configured like league/oauth2-server.
 
 Everything that varies comes from the environment set by ``serve.py``: the SQLite file
-(``DOT_DB``) and the access-token lifetime (``DOT_ACCESS_TTL``, seconds).
+(``DOT_DB``), the access-token lifetime (``DOT_ACCESS_TTL``, seconds) and whether the
+authorization endpoint insists on PKCE (``DOT_PKCE_REQUIRED``, DOT's default: yes).
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 INSTALLED_APPS = [
     "django.contrib.auth",
     "django.contrib.contenttypes",
+    "django.contrib.sessions",
     "oauth2_provider",
 ]
-MIDDLEWARE: list[str] = []
+# Sessions and auth only for the consent flow: /o/authorize/ needs a logged-in user,
+# whom /_test/login provides without a form (the test plays the user's browser).
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+]
+LOGIN_URL = "/_test/login"
 
 DATABASES = {
     "default": {
@@ -46,6 +54,7 @@ OAUTH2_PROVIDER = {
     "ACCESS_TOKEN_EXPIRE_SECONDS": int(os.environ.get("DOT_ACCESS_TTL", "3600")),
     "SCOPES": {"read": "Reading scope", "write": "Writing scope"},
     "ALLOWED_REDIRECT_URI_SCHEMES": ["http", "https"],
+    "PKCE_REQUIRED": os.environ.get("DOT_PKCE_REQUIRED", "1") == "1",
 }
 
 LOGGING = {

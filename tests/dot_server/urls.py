@@ -9,6 +9,7 @@ urlpatterns = [
     path("o/token/", views.token, name="token"),
     path("o/", include("oauth2_provider.urls", namespace="oauth2_provider")),
     path("api/user/current", views.current_user),
+    path("_test/login", views.login_consenter),
     path("_test/issue", views.issue_codes),
     path("_test/stats", views.stats),
     path("_test/reset_stats", views.reset_stats),
