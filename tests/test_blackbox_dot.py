@@ -248,7 +248,7 @@ def _problems(d: fl.Daemon) -> list[dict[str, Any]]:
 
 
 def test_grants_stay_valid_for_minutes_and_sigterm_loses_nothing(world: World) -> None:
-    """(a) 20 grants with 12 s access tokens, ``tokend run`` for 30 s (2.5 lifetimes):
+    """(a) 20 grants with 12 s access tokens, ``tokend run`` for 24 s (two lifetimes):
     at every check DOT accepts each stored access token, for the right user, and no
     refresh token is ever presented twice. (c) Then SIGTERM while DOT holds answers:
     exit 0 within seconds, every rotation DOT made is saved, nothing flagged."""
@@ -260,7 +260,7 @@ def test_grants_stay_valid_for_minutes_and_sigterm_loses_nothing(world: World) -
                   what="the client-credentials token")
     started = time.monotonic()
     checks, worst = 0, {}
-    while time.monotonic() - started < 2.5 * ACCESS_TTL:
+    while time.monotonic() - started < 2 * ACCESS_TTL:
         time.sleep(3)
         bad = world.rejected_access()
         checks += 1
@@ -270,8 +270,8 @@ def test_grants_stay_valid_for_minutes_and_sigterm_loses_nothing(world: World) -
     assert not worst, f"DOT refused stored access tokens: {worst}\n{d.output()}"
     assert stats["reuse"] == stats["revoked"] == stats["unknown_refresh"] == 0, stats
     assert stats["errors"] == {}, stats
-    # each user grant went through its 12 s token at least twice more
-    assert stats["rotations"] >= 2 * N, stats
+    # each user grant went through at least three 12 s tokens
+    assert stats["rotations"] >= 3 * N, stats
 
     before = _wait_in_flight(world, d)
     d.signal(signal.SIGTERM)
