@@ -36,12 +36,14 @@ class DotProcess(fl.Proc):
     """DOT serving on 127.0.0.1 with a fresh SQLite database in ``workdir / "dot"``."""
 
     def __init__(self, workdir: Path, *, access_ttl: float = 12, latency: float = 0.0,
-                 redirect_uri: str = REDIRECT_URI, pkce_required: bool = True) -> None:
+                 redirect_uri: str = REDIRECT_URI, pkce_required: bool = True,
+                 web_secret: str = WEB_SECRET) -> None:
         self.redirect_uri = redirect_uri
+        self.web_secret = web_secret
         super().__init__([fl.PYTHON, str(SERVE), "serve", "--dir", str(workdir / "dot"),
                           "--access-ttl", str(access_ttl), "--latency", str(latency),
                           *([] if pkce_required else ["--no-pkce"]),
-                          "--client", f"{WEB_ID}:{WEB_SECRET}:{redirect_uri}",
+                          "--client", f"{WEB_ID}:{web_secret}:{redirect_uri}",
                           "--cc-client", f"{MACHINE_ID}:{MACHINE_SECRET}"],
                          workdir / "dot.log")
         self.session = requests.Session()
@@ -63,7 +65,7 @@ class DotProcess(fl.Proc):
         """N users' first token pairs (the helper, as its own process) into an import file."""
         done = subprocess.run(
             [fl.PYTHON, str(SERVE), "seed", "--url", self.base_url, "--client",
-             f"{WEB_ID}:{WEB_SECRET}", "--n", str(n), "--user-start", str(user_start)],
+             f"{WEB_ID}:{self.web_secret}", "--n", str(n), "--user-start", str(user_start)],
             capture_output=True, text=True, timeout=120, check=False, env=fl.clean_env())
         assert done.returncode == 0, done.stderr[-2000:]
         path.write_text(done.stdout)

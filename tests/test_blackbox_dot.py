@@ -15,6 +15,7 @@ DOT holds each token response for a moment after the rotation is committed
 
 from __future__ import annotations
 
+import json
 import signal
 import textwrap
 import time
@@ -74,12 +75,13 @@ class Row:
 class World:
     """DOT, a tokend config pointing at it, the grants imported, and a reader of them."""
 
-    def __init__(self, workdir: Path, db_url: str, *, pkce_required: bool = True) -> None:
+    def __init__(self, workdir: Path, db_url: str, *, pkce_required: bool = True,
+                 web_secret: str = dotlib.WEB_SECRET) -> None:
         self.workdir = workdir
         self.db_url = db_url
         self.dot = dotlib.DotProcess(
             workdir, access_ttl=ACCESS_TTL, latency=LATENCY, pkce_required=pkce_required,
-            redirect_uri=f"http://127.0.0.1:{fl.free_port()}/callback")
+            redirect_uri=f"http://127.0.0.1:{fl.free_port()}/callback", web_secret=web_secret)
         self.daemons: list[fl.Daemon] = []
         self.key = workdir / "tokend-key"
         self.key.write_text(generate_key() + "\n")
@@ -91,10 +93,12 @@ class World:
         self.store = open_store(load_config(self.config_path, env={}))
         self.engine = create_engine(db_url)
 
-    def write_config(self, *, secret: str = dotlib.WEB_SECRET, main_cc: bool = False) -> None:
+    def write_config(self, *, secret: str | None = None, main_cc: bool = False,
+                     auth_method: str = "client_secret_post") -> None:
         """tokend's config for DOT; ``main_cc`` asks DOT's authorization-code application
         for client-credentials tokens too (DOT ties one grant type to an application)."""
         base = self.dot.base_url
+        secret = json.dumps(self.dot.web_secret if secret is None else secret)
         # What an operator would write for 12 s access tokens: a pass every 2 s, refresh
         # with 7 s left (the 0-10 % spread makes it up to 7.7 s).
         self.config_path.write_text(textwrap.dedent(f"""\
@@ -110,8 +114,8 @@ class World:
 
             [clients.main]
             client_id = "{dotlib.WEB_ID}"
-            client_secret = "{secret}"
-            auth_method = "client_secret_post"
+            client_secret = {secret}
+            auth_method = "{auth_method}"
             redirect_uri = "{self.dot.redirect_uri}"
             client_credentials = {str(main_cc).lower()}
 
@@ -140,8 +144,15 @@ class World:
             key_file = "{self.key}"
             """))
 
-    def import_grants(self, n: int) -> None:
+    def import_grants(self, n: int, *, expires_in: float | None = None) -> None:
+        """N users' grants as the helper prints them; ``expires_in`` overrides DOT's
+        lifetime in the file (a smaller one makes them due at once)."""
         path = self.dot.seed(n, self.workdir / "import.json")
+        if expires_in is not None:
+            records = json.loads(path.read_text())
+            for record in records:
+                record["expires_in"] = expires_in
+            path.write_text(json.dumps(records))
         done = fl.tokend(self.config_path, "grants", "import", str(path))
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -478,4 +489,32 @@ def test_authorize_against_dot(tmp_path: Path, db_url: str, pkce_required: bool)
         assert world.dead_refresh(rows) == {}
     finally:
         proc.reap()
+        world.close()
+
+
+# --------------------------------------------------------------------------- (f)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("auth_method", ["client_secret_post", "client_secret_basic"])
+def test_both_auth_methods_with_a_secret_that_needs_encoding(
+        tmp_path: Path, db_url: str, auth_method: str) -> None:
+    """DOT decodes HTTP Basic credentials as RFC 6749 2.3.1 says (form-urlencoded), so
+    a secret with ``+ / = % & ~`` and a space works both ways; one ``run --once``
+    refreshes every due grant and DOT rotates each exactly once."""
+    secret = "p+ss/w=rd%26 &~x"
+    world = World(tmp_path, db_url, web_secret=secret)
+    try:
+        world.write_config(auth_method=auth_method)
+        world.import_grants(3, expires_in=1)
+        done = fl.tokend(world.config_path, "run", "--once", timeout=60)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        world.dot.wait_idle()
+        stats = world.dot.stats()
+        assert stats["rotations"] == 3 and stats["errors"] == {}, stats
+        rows = world.rows()
+        assert [r.status for r in rows] == ["ok"] * len(rows)
+        assert world.rejected_access(patience=0) == {}
+        assert world.dead_refresh(rows) == {}
+    finally:
         world.close()

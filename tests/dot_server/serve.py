@@ -43,6 +43,7 @@ def _register(client: str, grant_type: str) -> None:
     from oauth2_provider.models import get_application_model
 
     app_model = get_application_model()
+    # ID:SECRET[:REDIRECT_URI]; the secret may hold anything but ':'.
     parts = client.split(":", 2)
     client_id, secret = parts[0], parts[1]
     redirect = parts[2] if len(parts) > 2 else ""
