@@ -24,7 +24,7 @@ from test_maintenance import Env
 from tokend import logs
 from tokend.config import Config, Secret
 from tokend.crypto import Cipher, generate_key
-from tokend.errors import StoreConflict, StoreError
+from tokend.errors import StoreError
 from tokend.fake_provider import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
 from tokend.sdnotify import Notifier
@@ -451,6 +451,8 @@ def test_every_database_error_is_a_store_error(make_config: Callable[..., Any],
 
 def test_a_constraint_is_a_store_conflict(make_config: Callable[..., Any],
                                           store_for: Callable[..., Store]) -> None:
+    from tokend.errors import StoreConflict
+
     store = store_for(make_config())
     assert store.ensure_client_credentials(["main"]) == ["main"]
     with pytest.raises(StoreConflict), store.tx() as conn:
