@@ -33,6 +33,7 @@ METRICS = {
     "tokend_notifications_total",
     "tokend_build_info",
     "tokend_schedule_interval_seconds",
+    "tokend_held_outcomes",
 }
 HISTOGRAMS = {"tokend_refresh_duration_seconds", "tokend_pass_duration_seconds"}
 ALERTS = {
@@ -46,6 +47,7 @@ ALERTS = {
     "TokendAccessTokenExpiringSoon",
     "TokendRefreshTokenExpiringSoon",
     "TokendDueBacklogNotShrinking",
+    "TokendHeldOutcomes",
 }
 METRIC_NAME = re.compile(r"\btokend_[a-z0-9_]+")
 
