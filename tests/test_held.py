@@ -513,3 +513,49 @@ def test_flags_of_secret_named_fields_are_shown_but_secrets_masked() -> None:
 
 def _db_time(store: Store, t: datetime) -> Any:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if store.dialect == "sqlite" else t
+
+
+def test_without_a_writable_spool_the_token_is_held_in_memory(env: Env) -> None:
+    """The state directory fails: the outcome is still held (in memory), and a stop saves
+    it to the database if it can, or reports it lost."""
+    from tokend import daemon as daemon_module
+    from tokend.errors import ConfigError
+    from tokend.spool import Spool
+
+    def broken() -> Path:
+        raise ConfigError("state.dir: /nonexistent is not writable by this user")
+
+    env.seed(1)
+    faulty = FaultyStore(env.store, always=read_only)
+    m = env.engine(faulty, save_retry=0.01)
+    m.held.load()  # read at start-up (without it, nothing is claimed)
+    m.held.spool = Spool(broken)
+    m.held.retry = 60.0  # the background replay stays out of the way
+    with quiet_logs("info") as sink:
+        assert m.run_pass().refreshed == 1
+        assert m.held.count() == 1 and m.held.unspooled() == 1
+        assert m.held.settle(0.2) == 1  # still refused: it would be lost
+        faulty.always = None
+        assert m.held.settle(5) == 0  # saved straight to the database
+    assert "spool_write_failed" in sink.getvalue()
+    assert daemon_module._stopped(1, 1) == 1
+    assert all_current(env) and env.fake.reuse_count() == 0
+    m.close()
+
+
+def test_nothing_is_claimed_while_the_spool_cannot_be_read(env: Env) -> None:
+    """Held outcomes of a dead predecessor may be in it: their grants' stored tokens are
+    spent, so no grant is refreshed before the spool was read."""
+    from tokend.errors import ConfigError
+    from tokend.spool import Spool
+
+    def broken() -> Path:
+        raise ConfigError("state.dir: /nonexistent is not writable by this user")
+
+    env.seed(2)
+    m = env.engine()
+    m.held.spool = Spool(broken)
+    with pytest.raises(ConfigError):
+        m.run_pass()
+    assert env.fake.stats()["token_requests"] == 0
+    assert all(g.lease_owner is None for g in env.grants())

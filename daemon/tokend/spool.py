@@ -29,7 +29,7 @@ from typing import Any
 
 from . import logs
 from .crypto import Cipher
-from .errors import DecryptError, StoreError
+from .errors import DecryptError, StoreError, TokendError
 from .model import Grant, Outcome, Status
 
 log = logs.get("tokend.spool")
@@ -210,6 +210,8 @@ class Spool:
             os.unlink(self.path / name)
         except FileNotFoundError:
             pass  # another process on this host replayed it first
+        except OSError as exc:  # harmless: a replay of it no longer matches its guard
+            log.warning("spool_remove_failed", file=name, error=str(exc))
 
     def names(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir()
@@ -323,7 +325,7 @@ class Held:
         try:
             self.spool.write(name, text)
             return True
-        except (OSError, StoreError) as exc:  # StoreError: e.g. no state dir (ConfigError)
+        except (OSError, TokendError) as exc:  # TokendError: e.g. no state dir (ConfigError)
             log.error("spool_write_failed", grant_id=grant_id, error=str(exc)[:300],
                       detail="the outcome is held in memory only until it is saved")
             return False
