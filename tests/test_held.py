@@ -559,3 +559,23 @@ def test_nothing_is_claimed_while_the_spool_cannot_be_read(env: Env) -> None:
         m.run_pass()
     assert env.fake.stats()["token_requests"] == 0
     assert all(g.lease_owner is None for g in env.grants())
+
+
+def test_run_once_saves_the_spool_before_it_claims(env: Env) -> None:
+    import subprocess
+    import sys
+
+    env.seed(2)
+    dead = env.engine(FaultyStore(env.store, always=read_only), save_retry=0.01)
+    dead.run_pass()
+    dead.held.close()
+    assert len(spool_files(env)) == 2
+    requests = env.fake.stats()["token_requests"]
+    assert env.config.source is not None
+    done = subprocess.run([sys.executable, "-m", "tokend", "--config", str(env.config.source),
+                           "run", "--once"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "held_outcome_saved" in done.stdout + done.stderr
+    assert spool_files(env) == [] and all_current(env)
+    assert env.fake.stats()["token_requests"] == requests  # nothing refreshed twice
+    assert env.fake.reuse_count() == 0
