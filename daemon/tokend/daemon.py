@@ -30,7 +30,7 @@ from .store import Store, open_store
 
 log = logs.get("tokend.daemon")
 STOP_TIMEOUT = 45.0  # below systemd's TimeoutStopSec=60
-HELD_EXTEND = 60.0  # at most this much longer than TimeoutStopSec while held outcomes settle
+HELD_EXTEND = 60.0  # EXTEND_TIMEOUT_USEC is asked for at most this long after a stop begins
 
 
 class Daemon:

@@ -92,7 +92,7 @@ class Maintenance:
                                on_count=self.metrics.held.set, retry=save_retry)
 
     def stop(self) -> None:
-        """Stop claiming; attempts in flight finish and are saved."""
+        """Stop claiming; attempts in flight finish and are saved (or spooled)."""
         self.stop_event.set()
 
     def close(self) -> None:
