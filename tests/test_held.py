@@ -305,7 +305,12 @@ def test_healthy_while_saves_are_refused(env: Env) -> None:
     d.maintenance.save_retry = 0.01
     d.maintenance.held.retry = 0.05
     done = threading.Event()
-    threading.Thread(target=lambda: (d.run_pass(), done.set()), daemon=True).start()
+
+    def one_pass() -> None:
+        d.run_pass()
+        done.set()
+
+    threading.Thread(target=one_pass, daemon=True).start()
     try:
         assert done.wait(30), "the pass is stuck saving held tokens"
         d.scheduler.start(paused=True)
@@ -425,7 +430,11 @@ def test_spool_writes_atomically_and_durably(tmp_path: Path,
 
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     spool = Spool(lambda: tmp_path)
     spool.write("1-0-a.json", "{}")
     assert len(synced) == 2  # the file, then the directory
