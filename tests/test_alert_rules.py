@@ -35,6 +35,7 @@ METRICS = {
     "tokend_schedule_interval_seconds",
     "tokend_client_blocked",  # DESIGN.md's names for the next capabilities
     "tokend_grants_unreadable",
+    "tokend_held_outcomes",
 }
 HISTOGRAMS = {"tokend_refresh_duration_seconds", "tokend_pass_duration_seconds"}
 ALERTS = {
@@ -49,6 +50,7 @@ ALERTS = {
     "TokendRefreshTokenExpiringSoon",
     "TokendDueBacklogNotShrinking",
     "TokendGrantsUnreadable",
+    "TokendHeldOutcomes",
 }
 METRIC_NAME = re.compile(r"\btokend_[a-z0-9_]+")
 

@@ -311,11 +311,6 @@ def test_grants_stay_served_and_sigterm_loses_nothing(world: World) -> None:
 # --------------------------------------------------------------------------- (b)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="issue 9 item 1: a restart leaves the dead process's leases for the whole lease "
-           "(2 min), so its claimed grants keep a refused access token; passes with the "
-           "owner-file takeover (branch i9-leases): remove this mark when merging it")
 def test_kill_9_mid_run_and_restart(world: World) -> None:
     """(b) kill -9 while DOT holds committed rotations, then restart at once.
 

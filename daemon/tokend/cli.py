@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .config import Config, load_config, render
-from .errors import ConfigError, GrantUnreadable, InputError, TokendError, UsageError
+from .errors import ConfigError, GrantUnreadable, InputError, StoreConflict, TokendError, UsageError
 from .model import Status, UnreadableGrant
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -228,8 +228,6 @@ def _grants_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def _grants_import(args: argparse.Namespace, config: Config) -> int:
-    from sqlalchemy.exc import IntegrityError
-
     from .imports import check_stored, parse_records, validate
     from .policy import initial
     from .store import utcnow
@@ -251,7 +249,7 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
         now = store.clock()
         ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
                                   check=lambda stored: check_stored(records, stored))
-    except IntegrityError:
+    except StoreConflict:
         # The only unique constraint a new row can break: one client_credentials grant
         # per client (the daemon creates it for clients with client_credentials = true).
         raise InputError("import: a client_credentials grant of a client in the file is "

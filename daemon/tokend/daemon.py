@@ -7,9 +7,11 @@ SIGINT stops claiming, lets in-flight refreshes finish and be saved, and exits 0
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
@@ -29,6 +31,7 @@ from .store import Store, open_store
 
 log = logs.get("tokend.daemon")
 STOP_TIMEOUT = 45.0  # below systemd's TimeoutStopSec=60
+HELD_EXTEND = 60.0  # EXTEND_TIMEOUT_USEC is asked for at most this long after a stop begins
 
 
 class Daemon:
@@ -98,7 +101,10 @@ class Daemon:
         if self.maintenance.pass_running.is_set() and started is not None:
             limit = max(self.maintenance.lease.total_seconds() * 5, 600)
             stuck = time.monotonic() - started > limit
-        return running and not stuck, {"scheduler_running": running, "pass_stuck": stuck}
+        # Held outcomes never keep a pass running (their workers hand them to the
+        # background replay): a database that refuses saves is no reason to be killed.
+        return running and not stuck, {"scheduler_running": running, "pass_stuck": stuck,
+                                       "held_outcomes": self.maintenance.held.count()}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         window = self.config.schedule.interval * 3 + timedelta(seconds=30)
@@ -198,11 +204,49 @@ def run_daemon(config: Config) -> int:
         if daemon.healthy()[0]:
             sd.watchdog()
     sd.stopping()
-    log.info("stopping")
-    daemon.stop()
+    held = daemon.maintenance.held
+    log.info("stopping", held_outcomes=held.count())
+    with _extend_stop_while_held(sd, held.count):
+        daemon.stop()
+        lost = held.settle(HELD_EXTEND - 5)
     store.close()
+    return _stopped(held.count(), lost)
+
+
+def _stopped(held: int, lost: int) -> int:
+    if lost:
+        log.critical("held_outcomes_lost", lost=lost,
+                     detail="rotated refresh tokens neither saved nor spooled (the state "
+                            "directory is not writable); their grants need re-consent")
+        return 1
+    if held:
+        log.warning("held_outcomes_spooled", held_outcomes=held,
+                    detail="saved by the next start, before it refreshes anything")
     log.info("stopped")
     return 0
+
+
+@contextlib.contextmanager
+def _extend_stop_while_held(sd: SystemdNotifier, held: Callable[[], int]) -> Iterator[None]:
+    """While outcomes are held during the stop, ask systemd for more time, at most
+    ``HELD_EXTEND`` seconds in all (then ``TimeoutStopSec`` applies as usual)."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def extend() -> None:
+        while (left := HELD_EXTEND - (time.monotonic() - started)) > 0:
+            if held():
+                sd.extend_timeout(min(15.0, left))
+            if done.wait(5.0):
+                return
+
+    thread = threading.Thread(target=extend, name="tokend-stop-extend", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=2)
 
 
 def _open_with_retry(config: Config, stop: threading.Event,
@@ -246,16 +290,21 @@ def run_once(config: Config) -> int:
     running.append(daemon.maintenance)
     if stop.is_set():  # a signal while opening the store: nothing claimed yet
         daemon.maintenance.stop()
+    held = daemon.maintenance.held
     try:
         result = daemon.maintenance.run_pass()
+        held.replay()  # one more try for what the workers handed over
         daemon.notifier.deliver_due()
     finally:
         daemon.maintenance.close()
         daemon.provider.close()
+        lost = held.settle(HELD_EXTEND - 5)
         store.close()
     log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,
              failed=result.failed, skipped=result.skipped, failures=dict(result.failures),
-             duration_s=round(result.duration, 3), stopped=result.stopped)
+             duration_s=round(result.duration, 3), stopped=result.stopped,
+             held_outcomes=held.count())
+    code = _stopped(held.count(), lost)
     if stop.is_set():
         log.info("stopped")
-    return 0 if result.ok else 1
+    return 0 if result.ok and not held.count() and not code else 1

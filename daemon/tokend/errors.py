@@ -37,6 +37,10 @@ class StoreError(TokendError):
     """The grant store failed or holds something it cannot use."""
 
 
+class StoreConflict(StoreError):
+    """A write broke a unique constraint (e.g. a second client-credentials row)."""
+
+
 class GrantNotFound(StoreError):
     def __init__(self, grant_id: int) -> None:
         super().__init__(f"grant {grant_id} not found")

@@ -1,8 +1,9 @@
 """structlog set-up: JSON lines for journald/files, readable console lines on a TTY.
 
 The masking processor is the last line of defence: code never passes tokens to a
-logger on purpose, but a field whose name says "token" or "secret", or a value shaped
-like a league refresh token or a Fernet value, is masked before it is rendered.
+logger on purpose, but a text value of a field whose name says "token" or "secret" (not
+a flag or a count such as ``holding_rotated_token=true``), or a value shaped like a
+league refresh token or a Fernet value, is masked before it is rendered.
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ def mask_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> A
     for key, value in list(event.items()):
         if key in _SAFE_KEYS or (key == "event" and not isinstance(value, str)):
             continue
-        if _SECRET_KEY.search(key) and key not in _SAFE_KEYS and value not in (None, ""):
+        if _SECRET_KEY.search(key) and _maskable(value):
             event[key] = MASK
         elif isinstance(value, str) and key != "timestamp":
             event[key] = _SECRET_VALUE.sub(MASK, value)
     return event
+
+
+def _maskable(value: Any) -> bool:
+    """A value of a secret-named field that could be the secret: text, bytes, or a
+    structure. Flags and counts (``holding_rotated_token=true``) are no secret and are
+    what an operator greps for; even a short string is masked (a password may be short)."""
+    return not (value is None or value == "" or isinstance(value, bool | int | float))
 
 
 def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:

@@ -5,9 +5,10 @@ grants alive:
 
 1. claim a small batch and COMMIT the lease (the refresh is now "in flight");
 2. call the provider, bounded by ``schedule.concurrency`` and ``provider.rate_limit``;
-3. save the outcome, new refresh token first and alone in its short transaction; if the
-   database is down at that moment the rotated token is held in memory and the save is
-   retried until it succeeds: a rotated refresh token is never dropped.
+3. save the outcome, new refresh token first and alone in its short transaction; if that
+   save fails for any reason the rotated token is held: spooled to disk at once
+   (:mod:`tokend.spool`), retried a few times here, then saved by a background replay
+   (or by the next process, before it claims): a rotated refresh token is never dropped.
 
 Each grant is handled inside an error boundary: one grant's failure never ends a pass.
 """
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, consent, leases, logs, owners, policy, state
+from . import circuit, consent, leases, logs, owners, policy, spool, state
 from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
@@ -36,6 +37,7 @@ from .ratelimit import RateLimiter
 from .store import Store
 
 log = logs.get("tokend.maintenance")
+SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
 
 
 @dataclass
@@ -92,14 +94,18 @@ class Maintenance:
         self._circuit_lock = threading.Lock()
         self._probes: set[int] = set()  # ids of the grants now probing their client
         self._unreleased: set[str] = set()  # closed circuits whose release failed
+        self.held = spool.Held(spool.Spool(lambda: state.prepare(config, "spool")),
+                               store.cipher, self._replay_save,
+                               on_count=self.metrics.held.set, retry=save_retry)
 
     def stop(self) -> None:
-        """Stop claiming; attempts in flight finish and are saved."""
+        """Stop claiming; attempts in flight finish and are saved (or spooled)."""
         self.stop_event.set()
 
     def close(self) -> None:
         self.stop_event.set()
         self.pool.shutdown(wait=True)
+        self.held.close()
         self.owner_lock.release()
 
     # ------------------------------------------------------------------ the pass
@@ -111,6 +117,9 @@ class Maintenance:
         result = PassResult()
         try:
             cc = [c.name for c in self.config.clients.values() if c.client_credentials]
+            # Held outcomes (also a dead predecessor's, from the spool) first: their grants'
+            # stored refresh tokens are spent.
+            self.held.recover()
             self.store.ensure_client_credentials(cc)
             self._take_over_dead_owners()
             self._probe(result)
@@ -206,6 +215,11 @@ class Maintenance:
             self._probes.clear()
 
     def _guarded(self, grant: Grant, claimed_at: float | None = None) -> str:
+        if self.held.holds(grant.id):
+            # Its new refresh token waits to be saved; the stored one is spent.
+            log.info("grant_held", grant_id=grant.id, client=grant.client,
+                     detail="not refreshed: its rotated token is not saved yet")
+            return "held"
         try:
             return self.attempt(grant, claimed_at)
         except Exception as exc:  # the error boundary: log, count, go on
@@ -386,6 +400,8 @@ class Maintenance:
         outcome, reminder = policy.remind(grant, outcome, self.store.clock(),
                                           self.config.schedule)
         event = self._event(grant, outcome, reminder)
+        if must:
+            return self._save_rotated(grant, outcome, event)
         delay = self.save_retry
         while True:
             try:
@@ -402,6 +418,51 @@ class Maintenance:
                           error=str(exc), holding_rotated_token=must, retry_in=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
+
+    def _save_rotated(self, grant: Grant, outcome: Outcome,
+                      event: dict[str, Any] | None) -> bool:
+        """Save an outcome holding a rotated refresh token; whatever fails, it is held.
+
+        Spooled at the first failure, retried here ``SAVE_TRIES`` times (not once the
+        daemon stops and the spool has it), then handed to the background replay so the
+        worker is free again.
+        """
+        try:
+            return self._saved(grant, self.store.save(grant, outcome, self.owner, event))
+        except Exception as exc:  # any error: the token must not reach the error boundary
+            error = exc
+        entry = spool.Entry.of(grant, outcome, self.owner, event, self.store.clock())
+        spooled = self.held.hold(entry)
+        delay = self.save_retry
+        for _ in range(SAVE_TRIES):
+            log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
+                      error=_error_text(error), holding_rotated_token=True, spooled=spooled,
+                      held_outcomes=self.held.count(), retry_in=delay)
+            if self.stop_event.wait(delay) and spooled:
+                break
+            try:
+                saved = self.store.save(grant, outcome, self.owner, event)
+            except Exception as exc:
+                error = exc
+                delay = min(delay * 2, 30.0)
+                continue
+            self.held.done(entry)
+            return self._saved(grant, saved)
+        log.warning("save_handed_over", grant_id=grant.id, client=grant.client,
+                    error=_error_text(error), spooled=spooled,
+                    held_outcomes=self.held.count(),
+                    detail="held; saved in the background once the database takes it")
+        self.held.hand_over(entry)
+        return False
+
+    def _saved(self, grant: Grant, saved: bool) -> bool:
+        if not saved:
+            log.warning("save_discarded", grant_id=grant.id, client=grant.client,
+                        detail="grant was re-consented or deleted during the attempt")
+        return saved
+
+    def _replay_save(self, entry: spool.Entry) -> bool:
+        return self.store.save(entry.grant(), entry.outcome, spool.REPLAY_OWNER, entry.event)
 
     def _release(self, grant: Grant) -> None:
         try:
@@ -446,6 +507,11 @@ def event_payload(name: str, grant: Grant, status: Status, reason: str | None,
         "reason": reason, "refresh_expires_at": _iso(refresh_expires_at),
         "timestamp": _iso(now),
     }
+
+
+def _error_text(exc: BaseException) -> str:
+    """StoreError texts are made safe by the store; anything else is named, not quoted."""
+    return str(exc)[:300] if isinstance(exc, StoreError) else type(exc).__name__
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -69,6 +69,10 @@ class Metrics:
         self.build_info = Gauge("tokend_build_info", "tokend version.", ["version"], registry=r)
         self.interval = Gauge("tokend_schedule_interval_seconds",
                               "Configured interval between passes.", registry=r)
+        self.held = Gauge(
+            "tokend_held_outcomes", "Refreshes whose rotated refresh token the database has "
+            "not taken yet (spooled to <state dir>/spool, saved as soon as it can be).",
+            registry=r)
         self.build_info.labels(__version__).set(1)
         self._known_clients: set[str] = set()
         self._lock = threading.Lock()

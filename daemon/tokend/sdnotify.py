@@ -100,3 +100,8 @@ class Notifier:
 
     def watchdog(self) -> bool:
         return self.notify("WATCHDOG=1")
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """Ask for ``seconds`` more before the current state's timeout (e.g.
+        ``TimeoutStopSec=``) kills us; to be repeated before they run out."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={max(0, int(seconds * 1_000_000))}")

@@ -45,14 +45,15 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import NullPool, QueuePool
 from sqlalchemy.types import NullType
 
 from . import logs
 from .config import Config
 from .crypto import Cipher, cipher_for
-from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreError
+from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreConflict, StoreError
 from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status, UnreadableGrant
 from .schema import EventRow, GrantRow, UTCDateTime
 
@@ -99,7 +100,9 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
             dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit (a saved rotated refresh token above all) is on disk when it
+            # returns, also across an OS crash or power cut; NORMAL may lose the last ones.
+            cur.execute("PRAGMA synchronous=FULL")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
@@ -113,6 +116,14 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
                            pool_pre_ping=True, pool_recycle=1800,
                            connect_args={"connect_timeout": 10})
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx: ExceptionContext) -> None:
+        # A session on a node that became read-only (a failover; SQLSTATE 25006) stays
+        # read-only for its lifetime: drop the pool, so the next try connects anew.
+        if getattr(ctx.original_exception, "sqlstate", None) == "25006":
+            ctx.is_disconnect = True
+
     if engine.dialect.driver == "psycopg":
         @event.listens_for(engine, "connect")
         def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -212,9 +223,12 @@ class Store:
                     conn = raw.execution_options(isolation_level="AUTOCOMMIT")
                 with conn.begin():
                     yield conn
-        except IntegrityError:
-            raise
-        except OperationalError as exc:
+        # The one boundary for the database's errors: whatever SQLAlchemy raises (a lost
+        # connection, a read-only node, bad data, a pool timeout) is a StoreError, which
+        # every caller handles; a rotated token is never lost to an unexpected type.
+        except IntegrityError as exc:
+            raise StoreConflict(f"database constraint: {_short(exc)}") from exc
+        except SQLAlchemyError as exc:
             raise StoreError(f"database error: {_short(exc)}") from exc
 
     def close(self) -> None:
@@ -527,7 +541,7 @@ class Store:
                         in_doubt=False, token_version=0, created_at=now, updated_at=now,
                     ))
                 created.append(name)
-            except IntegrityError:
+            except StoreConflict:
                 pass  # another replica created it first: the unique index says so
         return created
 
