@@ -1,7 +1,7 @@
 """``tokend authorize``: the authorization-code flow a person runs to (re-)consent.
 
 Prints the authorize URL on a line of its own on stdout, receives the redirect on a
-local listener, checks ``state``, exchanges the code at once (league codes live one
+local listener, checks ``state``, exchanges the code at once with the PKCE verifier (league codes live one
 minute), looks up the user and tenant, and stores the grant, replacing that user's
 grant of the client. Progress and errors go to stderr; nothing is stored on failure.
 """
@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
-from . import logs, policy
+from . import logs, pkce, policy
 from .config import Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
 from .listener import BoundedHTTPServer
@@ -130,7 +130,8 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
     thread.start()
     try:
         state = secrets.token_urlsafe(24)
-        url = provider.authorize_url(c, redirect, state)
+        proof = pkce.new_pair()  # in memory only: this process completes its one flow
+        url = provider.authorize_url(c, redirect, state, proof.challenge)
         print(f"Open this URL in a browser and grant access (waiting {timeout:g}s):", file=err)
         print(url, file=out, flush=True)
         if on_url is not None:
@@ -156,7 +157,7 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
         if not code:
             raise AuthorizationFailed("the redirect carries no code; nothing stored")
         try:
-            resp = provider.exchange_code(c, code, redirect)
+            resp = provider.exchange_code(c, code, redirect, proof.verifier)
             user_id, tenant_id = provider.current_user(resp.access_token)
         except ProviderError as exc:
             raise AuthorizationFailed(f"code exchange failed: {exc}; nothing stored") from None

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from . import consent, consent_pages, logs, policy
+from . import consent, consent_pages, logs, pkce, policy
 from .config import ClientConfig, Config
 from .consent_pages import Page
 from .consent_store import ConsentStore, Pending, WrongUser
@@ -113,9 +113,11 @@ class ConsentFlow:
             return _PAGES[exc.reason]()
         state = secrets.token_urlsafe(32)
         redirect = self.config.consent.redirect_uri
-        self.states.begin(state, link, redirect, STATE_TTL)
+        proof = pkce.new_pair()
+        self.states.begin(state, link, redirect, STATE_TTL, proof.verifier)
         log.info("consent_started", grant_id=grant.id, client=client.name)
-        return consent_pages.redirect(self.provider.authorize_url(client, redirect, state))
+        return consent_pages.redirect(
+            self.provider.authorize_url(client, redirect, state, proof.challenge))
 
     # ------------------------------------------------------------------ the callback
 
@@ -143,7 +145,8 @@ class ConsentFlow:
     def _complete(self, pending: Pending, grant: Grant, client: ClientConfig,
                   code: str) -> Page:
         try:
-            resp = self.provider.exchange_code(client, code, pending.redirect_uri)
+            resp = self.provider.exchange_code(client, code, pending.redirect_uri,
+                                               pending.code_verifier)
             user_id, tenant_id = self.provider.current_user(resp.access_token)
         except ProviderError as exc:
             log.warning("consent_exchange_failed", grant_id=grant.id, client=client.name,

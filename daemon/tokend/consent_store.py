@@ -2,6 +2,8 @@
 
 States live in the database (``consent_states``), so the provider's redirect may reach
 any replica; a state is consumed by one atomic UPDATE, so it completes at most once.
+The PKCE verifier of the flow lives with its state (encrypted like the tokens), for the
+replica that receives the callback.
 Uses the :class:`~tokend.store.Store`'s transactions, on SQLite or PostgreSQL.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, cast
 
@@ -34,6 +36,7 @@ class Pending:
     grant_id: int
     mark: str
     redirect_uri: str
+    code_verifier: str = field(repr=False)
 
 
 def _digest(state: str) -> str:
@@ -44,14 +47,15 @@ class ConsentStore:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def begin(self, state: str, link: Link, redirect_uri: str, ttl: timedelta) -> None:
+    def begin(self, state: str, link: Link, redirect_uri: str, ttl: timedelta,
+              code_verifier: str) -> None:
         now = self.store.clock()
         with self.store.tx() as conn:
             conn.execute(delete(S).where(S.c.expires_at < now - KEEP_USED))
             conn.execute(insert(S).values(
                 id=_digest(state), grant_id=link.grant_id, mark=link.mark,
                 redirect_uri=redirect_uri, created_at=now, expires_at=now + ttl,
-                used_at=None))
+                used_at=None, code_verifier=self.store.cipher.encrypt(code_verifier)))
 
     def take(self, state: str) -> Pending | None:
         """Consume a state: only the first callback that presents it, in time, gets it."""
@@ -63,9 +67,12 @@ class ConsentStore:
             ).values(used_at=now)).rowcount
             if taken != 1:
                 return None
-            row = conn.execute(select(S.c.grant_id, S.c.mark, S.c.redirect_uri)
-                               .where(S.c.id == digest)).one()
-        return Pending(int(row[0]), str(row[1]), str(row[2]))
+            row = conn.execute(select(S.c.grant_id, S.c.mark, S.c.redirect_uri,
+                                      S.c.code_verifier).where(S.c.id == digest)).one()
+        # A key dropped from the key file within the state's lifetime: DecryptError (a
+        # StoreError), and the person starts again from the link.
+        return Pending(int(row[0]), str(row[1]), str(row[2]),
+                       self.store.cipher.decrypt(str(row[3])))
 
     def store_consent(self, pending: Pending, new: NewGrant, decide: Decide,
                       event: Callable[[Any, Status], dict[str, Any] | None]) -> Status:

@@ -34,7 +34,7 @@ import requests.auth
 import urllib3.exceptions
 from urllib3.util.retry import Retry
 
-from . import __version__
+from . import __version__, pkce
 from .classify import (
     GrantKind,
     TokenResponse,
@@ -135,11 +135,16 @@ class ProviderClient:
     def client_credentials(self, client: ClientConfig) -> TokenResponse:
         return self._token_request(client, "client_credentials", {}, redact=())
 
-    def exchange_code(self, client: ClientConfig, code: str, redirect_uri: str) -> TokenResponse:
+    def exchange_code(self, client: ClientConfig, code: str, redirect_uri: str,
+                      code_verifier: str) -> TokenResponse:
+        """The PKCE ``code_verifier`` is the one whose challenge the authorize URL sent."""
         _require_token(code, "authorization code")
+        if not pkce.is_verifier(code_verifier):
+            raise ValueError("code verifier is not 43 to 128 unreserved characters")
         return self._token_request(
-            client, "authorization_code", {"code": code, "redirect_uri": redirect_uri},
-            redact=(code,),
+            client, "authorization_code",
+            {"code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier},
+            redact=(code, code_verifier),
         )
 
     def _token_request(
@@ -182,14 +187,18 @@ class ProviderClient:
 
     # ----------------------------------------------------------------- authorize
 
-    def authorize_url(self, client: ClientConfig, redirect_uri: str, state: str) -> str:
-        """The consent URL; parameters already in the configured URL are kept."""
+    def authorize_url(self, client: ClientConfig, redirect_uri: str, state: str,
+                      code_challenge: str) -> str:
+        """The consent URL, always with a PKCE S256 challenge (see :mod:`tokend.pkce`);
+        parameters already in the configured URL are kept, except ours."""
         parts = urlsplit(self.provider.authorize_url)
         ours = {
             "response_type": "code",
             "client_id": client.client_id,
             "redirect_uri": redirect_uri,
             "state": state,
+            "code_challenge": code_challenge,
+            "code_challenge_method": pkce.METHOD,
         }
         query = [
             (key, value)

@@ -153,5 +153,7 @@ class ConsentStateRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The flow's PKCE verifier, encrypted (tokend.crypto): the callback may reach any replica.
+    code_verifier: Mapped[str] = mapped_column(String(400))
 
     __table_args__ = (Index("ix_consent_states_expires_at", "expires_at"),)

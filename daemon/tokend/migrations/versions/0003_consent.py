@@ -5,8 +5,8 @@ Revises: 0002
 Create Date: 2026-12-02
 
 Adds the table ``consent_states`` (a consent started from a link, consumed by the
-provider's redirect on any replica) and two nullable columns of ``grants``
-(``reminder_deadline``, ``reminder_point``). Both are additions: a running tokend of
+provider's redirect on any replica; it keeps the flow's PKCE verifier, encrypted) and
+two nullable columns of ``grants`` (``reminder_deadline``, ``reminder_point``). Both are additions: a running tokend of
 revision 0002 keeps working beside it, so replicas can be upgraded one by one after
 ``tokend db upgrade``.
 """
@@ -32,6 +32,7 @@ def upgrade() -> None:
     sa.Column('created_at', TS, nullable=False),
     sa.Column('expires_at', TS, nullable=False),
     sa.Column('used_at', TS, nullable=True),
+    sa.Column('code_verifier', sa.String(length=400), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
     op.create_index('ix_consent_states_expires_at', 'consent_states', ['expires_at'])
