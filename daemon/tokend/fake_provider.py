@@ -21,9 +21,12 @@ import base64
 import binascii
 import contextlib
 import gc
+import hashlib
+import hmac
 import html
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -61,6 +64,9 @@ FAULTS = frozenset(
 )
 ONE_MONTH = Duration(months=1)  # league's default refreshTokenTTL, P1M
 GRANT_TYPES = ("refresh_token", "client_credentials", "authorization_code")
+# league's check of code_challenge and code_verifier (RFC 7636 4.1), and its verifiers.
+PKCE_FORMAT = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
+PKCE_METHODS = ("S256", "plain")
 
 # league's messages, verbatim: clients may log or match them.
 MSG_INVALID_REQUEST = (
@@ -168,6 +174,8 @@ class _Code:
     user_id: int
     tenant_id: int
     expires_at: datetime
+    code_challenge: str | None = None  # PKCE, as league keeps it in the code's payload
+    code_challenge_method: str = "plain"
     used: bool = False
 
 
@@ -264,6 +272,8 @@ class FakeJustimmo:
         self._grant_chain: dict[tuple[int | None, str], int] = {}
         self._faults: list[_Fault] = []
         self._deny = False
+        # (code_challenge, code_challenge_method) of the last code issued; tests read it.
+        self._last_challenge: tuple[str | None, str | None] = (None, None)
         # A real authorize page (choose user, approve or deny) instead of an instant redirect.
         self.consent_page = consent_page
         self._c = _Counters()
@@ -469,6 +479,8 @@ class FakeJustimmo:
                 "in_flight": c.in_flight,
                 "max_concurrent": c.max_concurrent,
                 "latency": self._latency,
+                "last_code_challenge": self._last_challenge[0],
+                "last_code_challenge_method": self._last_challenge[1],
             }
             if request_times:
                 out["request_times"] = list(self._request_times)
@@ -803,6 +815,9 @@ class FakeJustimmo:
                 hint = "Check the `redirect_uri` parameter"
             elif form["redirect_uri"] != rec.redirect_uri:
                 hint = "Invalid redirect URI"
+            elif (refused := self._check_verifier(rec, form.get("code_verifier"))) is not None:
+                # league leaves the code usable after a PKCE failure (revoked on success)
+                return refused
             else:
                 rec.used = True
                 (tokens,) = self._mint(
@@ -811,6 +826,28 @@ class FakeJustimmo:
         if tokens is None:
             return self._bad_code(hint or "Cannot decrypt the authorization code")
         return self._success(tokens)
+
+    def _check_verifier(self, rec: _Code, verifier: str | None) -> _Response | None:
+        """league's PKCE check of the code exchange; only when the authorize request had
+        a ``code_challenge``; a verifier without one is ignored here (tokend sends both)."""
+        if rec.code_challenge is None:
+            return None
+        if verifier is None:
+            return self._invalid_request("code_verifier")
+        if PKCE_FORMAT.fullmatch(verifier) is None:
+            return self._invalid_request(
+                "code_verifier", "Code Verifier must follow the specifications of RFC-7636."
+            )
+        if rec.code_challenge_method == "S256":
+            digest = hashlib.sha256(verifier.encode("ascii")).digest()
+            expected = base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+        else:
+            expected = verifier
+        if not hmac.compare_digest(expected, rec.code_challenge):
+            return self._error(
+                "invalid_grant", MSG_INVALID_GRANT, 400, "Failed to verify `code_verifier`."
+            )
+        return None
 
     def _authorize(self, query: Mapping[str, str], *, submitted: bool = False) -> _Response:
         """The authorize endpoint.
@@ -830,6 +867,19 @@ class FakeJustimmo:
         redirect_uri = query.get("redirect_uri")
         if query["client_id"] not in self.clients or not redirect_uri:
             return self._invalid_client(None)
+        challenge = query.get("code_challenge")
+        method = query.get("code_challenge_method", "plain")  # league's default, RFC 7636 4.3
+        if challenge is not None:
+            if method not in PKCE_METHODS:
+                return self._invalid_request(
+                    "code_challenge_method",
+                    "Code challenge method must be one of "
+                    + ", ".join(f"`{m}`" for m in PKCE_METHODS),
+                )
+            if PKCE_FORMAT.fullmatch(challenge) is None:
+                return self._invalid_request(
+                    "code_challenge", "Code challenge must follow the specifications of RFC-7636."
+                )
         if self.consent_page and not submitted and "user_id" not in query:
             return self._consent_page(query)
         user_id = next(iter(self.users))
@@ -850,8 +900,10 @@ class FakeJustimmo:
             expires = self._now() + timedelta(seconds=self.code_ttl)
             with self._lock:
                 self._codes[code] = _Code(
-                    query["client_id"], redirect_uri, user_id, self.users[user_id], expires
+                    query["client_id"], redirect_uri, user_id, self.users[user_id], expires,
+                    challenge, method,
                 )
+                self._last_challenge = (challenge, method if challenge is not None else None)
             params = {"code": code}
         if "state" in query:
             params["state"] = query["state"]
@@ -859,7 +911,8 @@ class FakeJustimmo:
         return _Response(302, b"", (("Location", redirect_uri + sep + urlencode(params)),))
 
     def _consent_page(self, query: Mapping[str, str]) -> _Response:
-        keep = ("response_type", "client_id", "redirect_uri", "state", "scope")
+        keep = ("response_type", "client_id", "redirect_uri", "state", "scope",
+                "code_challenge", "code_challenge_method")
         hidden = "".join(
             f'<input type="hidden" name="{k}" value="{html.escape(query[k])}">'
             for k in keep if k in query
