@@ -3,7 +3,8 @@
 Prints the authorize URL (with a PKCE S256 challenge) on a line of its own on stdout,
 receives the redirect on a local listener, checks ``state``, exchanges the code at once
 with the PKCE verifier (league codes live one minute), looks up the user and tenant,
-and stores the grant, replacing that user's grant of the client. Progress and errors go to stderr; nothing is stored on failure.
+and stores the grant, replacing that user's grant of the client. Progress and errors
+go to stderr; nothing is stored on failure.
 """
 
 from __future__ import annotations
