@@ -690,3 +690,91 @@ def test_authorize_page_lets_a_person_choose_approve_or_deny(
     assert denied["error"] == ["access_denied"] and "code" not in denied
     # scripted callers naming a user still get the immediate redirect
     assert "code" in authorize(http, fake, user_id="1234")
+
+
+# ---------------------------------------------------------------- PKCE (RFC 7636), as league
+
+VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"  # RFC 7636 Appendix B
+CHALLENGE = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+
+
+def pkce_code(http: requests.Session, fake: FakeJustimmo, challenge: str = CHALLENGE,
+              method: str | None = "S256") -> str:
+    params = {"code_challenge": challenge}
+    if method is not None:
+        params["code_challenge_method"] = method
+    return authorize(http, fake, **params)["code"][0]
+
+
+def exchange(http: requests.Session, fake: FakeJustimmo, code: str,
+             **verifier: str) -> requests.Response:
+    return token(http, fake, grant_type="authorization_code", code=code,
+                 redirect_uri=REDIRECT, **verifier)
+
+
+@pytest.mark.parametrize("league", ["5", "9"])
+def test_pkce_s256_needs_the_matching_verifier(
+    make_fake: Callable[..., FakeJustimmo], http: requests.Session, league: str
+) -> None:
+    fake = make_fake(league=league)
+    code = pkce_code(http, fake)
+    assert (fake.stats()["last_code_challenge"],
+            fake.stats()["last_code_challenge_method"]) == (CHALLENGE, "S256")
+
+    missing = exchange(http, fake, code)
+    assert missing.status_code == 400
+    assert missing.json()["error"] == "invalid_request"
+    assert missing.json()["hint"] == "Check the `code_verifier` parameter"
+
+    wrong = exchange(http, fake, code, code_verifier="x" * 43)
+    assert wrong.status_code == 400
+    assert wrong.json()["error"] == "invalid_grant"
+    assert wrong.json()["hint"] == "Failed to verify `code_verifier`."
+
+    malformed = exchange(http, fake, code, code_verifier="short")
+    assert malformed.status_code == 400 and malformed.json()["error"] == "invalid_request"
+
+    # league revokes a code only when it issues tokens: a PKCE failure leaves it usable
+    ok = exchange(http, fake, code, code_verifier=VERIFIER)
+    assert ok.status_code == 200, ok.text
+    assert fake.stats()["errors_by_code"] == {"invalid_request": 2, "invalid_grant": 1}
+
+
+def test_pkce_plain_and_the_default_method(fake: FakeJustimmo, http: requests.Session) -> None:
+    plain = "p" * 43
+    code = pkce_code(http, fake, challenge=plain, method=None)  # league's default: plain
+    assert fake.stats()["last_code_challenge_method"] == "plain"
+    assert exchange(http, fake, code, code_verifier=VERIFIER).json()["error"] == "invalid_grant"
+    assert exchange(http, fake, code, code_verifier=plain).status_code == 200
+
+
+def test_pkce_malformed_challenges_are_refused(fake: FakeJustimmo, http: requests.Session) -> None:
+    base = {"response_type": "code", "client_id": CLIENT, "redirect_uri": REDIRECT}
+    for params, parameter in (({"code_challenge": CHALLENGE, "code_challenge_method": "S512"},
+                               "code_challenge_method"),
+                              ({"code_challenge": "too-short", "code_challenge_method": "S256"},
+                               "code_challenge")):
+        r = http.get(fake.authorize_url, params={**base, **params}, allow_redirects=False,
+                     timeout=5)
+        assert r.status_code == 400 and r.json()["error"] == "invalid_request", parameter
+        assert ("`S256`, `plain`" in r.json()["hint"]) == (parameter == "code_challenge_method")
+
+
+def test_without_a_challenge_no_verifier_is_needed(
+    fake: FakeJustimmo, http: requests.Session
+) -> None:
+    pkce_code(http, fake)
+    code = authorize(http, fake)["code"][0]
+    assert fake.stats()["last_code_challenge"] is None
+    assert exchange(http, fake, code).status_code == 200
+
+
+def test_the_authorize_page_carries_the_challenge(
+    make_fake: Callable[..., FakeJustimmo], http: requests.Session
+) -> None:
+    fake = make_fake(consent_page=True)
+    query = {"response_type": "code", "client_id": CLIENT, "redirect_uri": REDIRECT,
+             "code_challenge": CHALLENGE, "code_challenge_method": "S256"}
+    page = http.get(fake.authorize_url, params=query, allow_redirects=False, timeout=5)
+    assert f'name="code_challenge" value="{CHALLENGE}"' in page.text
+    assert 'name="code_challenge_method" value="S256"' in page.text

@@ -30,6 +30,9 @@ SECRET = "s3cr3t-client-secret"
 REFRESH = "def50200-refresh-token-value"
 NEW_REFRESH = "def50200-new-refresh-token"
 ACCESS = "eyJ.new-access-token"
+# RFC 7636 Appendix B
+VERIFIER = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"
+CHALLENGE = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
 SENT = datetime(2024, 1, 31, 12, 0, tzinfo=UTC)
 TOKEN_BODY = {"token_type": "Bearer", "expires_in": 86400, "access_token": ACCESS,
               "refresh_token": NEW_REFRESH}
@@ -270,13 +273,33 @@ def test_exchange_code(server: ScriptedServer, client: ProviderClient) -> None:
     # Justimmo returns no refresh token on the code exchange, says DESIGN.md.
     server.push(Canned(body={"token_type": "Bearer", "expires_in": 86400,
                              "access_token": ACCESS}))
-    resp = client.exchange_code(client_config(), "auth-code-1", "http://127.0.0.1:8765/cb")
+    resp = client.exchange_code(client_config(), "auth-code-1", "http://127.0.0.1:8765/cb",
+                                VERIFIER)
     assert resp.refresh_token is None
     assert server.seen[0].form == {
         "grant_type": "authorization_code", "code": "auth-code-1",
         "redirect_uri": "http://127.0.0.1:8765/cb", "client_id": "client-1",
-        "client_secret": SECRET,
+        "client_secret": SECRET, "code_verifier": VERIFIER,
     }
+
+
+@pytest.mark.parametrize("bad", ["", "short", "x" * 129, "a" * 42 + " ", "ä" * 43])
+def test_exchange_code_refuses_a_malformed_verifier_unsent(
+        server: ScriptedServer, client: ProviderClient, bad: str) -> None:
+    with pytest.raises(ValueError) as info:
+        client.exchange_code(client_config(), "auth-code-1", "http://127.0.0.1:8765/cb", bad)
+    assert bad not in str(info.value) or not bad
+    assert server.seen == []
+
+
+def test_exchange_code_keeps_the_verifier_out_of_errors(
+        server: ScriptedServer, client: ProviderClient) -> None:
+    # A server echoing the request (a proxy's error page) must not put it in the error.
+    server.push(Canned(status=400, body={"error": "invalid_grant", "hint": f"got {VERIFIER}"}))
+    with pytest.raises(ProviderError) as info:
+        client.exchange_code(client_config(), "auth-code-1", "http://127.0.0.1:8765/cb",
+                             VERIFIER)
+    assert VERIFIER not in str(info.value) and VERIFIER not in repr(info.value.__dict__)
 
 
 @pytest.mark.parametrize("bad", ["", "a\nb", "tök"])
@@ -626,25 +649,29 @@ def test_current_user_refuses_a_token_that_breaks_the_header(server: ScriptedSer
 def test_authorize_url_justimmo(clock: Clock) -> None:
     with ProviderClient(ProviderConfig(), clock=clock) as pc:
         url = pc.authorize_url(client_config(client_id="my client"),
-                               "http://127.0.0.1:8765/callback?x=1&y=2", "st&te=/+")
+                               "http://127.0.0.1:8765/callback?x=1&y=2", "st&te=/+", CHALLENGE)
     parts = urlsplit(url)
     assert (parts.scheme, parts.netloc, parts.path) == ("https", "auth.justimmo.at",
                                                         "/authorize")
     assert parse_qs(parts.query) == {
         "response_type": ["code"], "client_id": ["my client"],
         "redirect_uri": ["http://127.0.0.1:8765/callback?x=1&y=2"], "state": ["st&te=/+"],
+        "code_challenge": [CHALLENGE], "code_challenge_method": ["S256"],
     }
 
 
 def test_authorize_url_keeps_existing_query(clock: Clock) -> None:
     cfg = ProviderConfig(authorize_url="https://idp.example/oauth/authorize?prompt=consent"
-                                       "&audience=api&state=stale&empty=")
+                                       "&audience=api&state=stale&empty="
+                                       "&code_challenge_method=plain")
     with ProviderClient(cfg, clock=clock) as pc:
-        url = pc.authorize_url(client_config(), "http://127.0.0.1:8765/callback", "fresh")
+        url = pc.authorize_url(client_config(), "http://127.0.0.1:8765/callback", "fresh",
+                               CHALLENGE)
     query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
     assert query == [("prompt", "consent"), ("audience", "api"), ("empty", ""),
                      ("response_type", "code"), ("client_id", "client-1"),
-                     ("redirect_uri", "http://127.0.0.1:8765/callback"), ("state", "fresh")]
+                     ("redirect_uri", "http://127.0.0.1:8765/callback"), ("state", "fresh"),
+                     ("code_challenge", CHALLENGE), ("code_challenge_method", "S256")]
 
 
 def test_constructor_validation() -> None:
