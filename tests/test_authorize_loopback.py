@@ -40,10 +40,13 @@ def test_listen_without_redirect_uri_uses_the_loopback_callback(
         assert url.startswith(fake.authorize_url), proc.stderr.read() if proc.stderr else ""
         redirect = parse_qs(urlsplit(url).query)["redirect_uri"]
         assert redirect == [f"http://127.0.0.1:{port}/callback"]
+        assert parse_qs(urlsplit(url).query)["code_challenge_method"] == ["S256"]
         resp = requests.get(url, allow_redirects=False, timeout=10)
         assert resp.headers["Location"].startswith(redirect[0] + "?")
         requests.get(resp.headers["Location"], timeout=10)
         assert proc.wait(timeout=30) == 0
+        assert fake.stats()["last_code_challenge"] == parse_qs(
+            urlsplit(url).query)["code_challenge"][0]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -449,10 +449,7 @@ def test_refused_client_spends_nothing_and_a_refused_grant_type_blocks_nothing(
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 @pytest.mark.parametrize("pkce_required", [
-    pytest.param(True, id="dot-default-pkce", marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="tokend authorize sends no PKCE code_challenge; DOT (2.x and later) requires "
-               "PKCE by default and redirects with invalid_request 'Code challenge required.'")),
+    pytest.param(True, id="dot-default-pkce"),  # DOT 2.x and later: PKCE required
     pytest.param(False, id="pkce-not-required"),
 ])
 def test_authorize_against_dot(tmp_path: Path, db_url: str, pkce_required: bool) -> None:

@@ -20,7 +20,7 @@ import requests
 from sqlalchemy import text
 
 from conftest import CLIENT_ID, CLIENT_SECRET, IN_CI
-from tokend import consent, policy
+from tokend import consent, pkce, policy
 from tokend.config import Config
 from tokend.consent_server import ConsentServer
 from tokend.daemon import Daemon
@@ -318,6 +318,47 @@ def test_the_callback_may_reach_another_replica(
         replica.stop()
         provider.close()
     assert store.get(grant.id).status == Status.OK
+
+
+def test_the_flow_sends_pkce_and_keeps_the_verifier_encrypted_with_the_state(
+        config: Config, store: Store, store_for: Callable[..., Store], fake: FakeJustimmo,
+        server: ConsentServer) -> None:
+    grant = seed(store, config, fake)
+    authorize = start_flow(consent.link_for(config, grant, store.clock()))
+    query = parse_qs(urlsplit(authorize).query)
+    assert query["code_challenge_method"] == ["S256"]
+    with store.engine.connect() as conn:
+        [stored] = conn.execute(text("SELECT code_verifier FROM consent_states")).scalars()
+    verifier = store.cipher.decrypt(stored)
+    assert stored.startswith("enc:v1:") and verifier not in stored
+    assert pkce.challenge_for(verifier) == query["code_challenge"][0]
+    callback = provider_redirect(authorize)
+    assert fake.stats()["last_code_challenge"] == query["code_challenge"][0]
+    # the replica that receives the callback knows the verifier only from the database
+    other_store = store_for(config)
+    provider = ProviderClient(config.provider)
+    replica = ConsentServer(config, other_store, provider, address=("127.0.0.1", 0)).start()
+    try:
+        moved = callback.replace(f":{server.address[1]}/", f":{replica.address[1]}/", 1)
+        assert "Access renewed" in requests.get(moved, timeout=10).text
+    finally:
+        replica.stop()
+        provider.close()
+    assert store.get(grant.id).status == Status.OK
+
+
+def test_a_code_for_another_verifier_stores_nothing(
+        config: Config, store: Store, fake: FakeJustimmo, server: ConsentServer) -> None:
+    grant = seed(store, config, fake)
+    callback = provider_redirect(start_flow(consent.link_for(config, grant, store.clock())))
+    with store.engine.begin() as conn:  # as if the code had been issued for another flow
+        conn.execute(text("UPDATE consent_states SET code_verifier = :v"),
+                     {"v": store.cipher.encrypt(pkce.new_pair().verifier)})
+    fake.reset_stats()
+    page = requests.get(callback, timeout=10)
+    assert page.status_code >= 400 and "Access renewed" not in page.text
+    assert fake.stats()["errors_by_code"] == {"invalid_grant": 1}
+    unchanged(store, grant)
 
 
 def test_wrong_user_over_http_stores_nothing(config: Config, store: Store,

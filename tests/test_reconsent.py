@@ -14,14 +14,14 @@ from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 import requests
 from sqlalchemy import text
 
 from conftest import CLIENT_ID, CLIENT_SECRET, write_config
-from tokend import notify
+from tokend import notify, pkce
 from tokend.api import GrantUnavailable, TokenStore
 from tokend.authorize import authorize
 from tokend.config import Config, load_config
@@ -144,6 +144,39 @@ def test_authorize_stores_a_grant(config: Config, store_for: Callable[..., Store
     access, refresh = store.tokens(store.get(g.id, with_tokens=True))
     assert access and fake.access_token_valid(access)
     assert refresh and fake.refresh_token_valid(refresh)
+
+
+def test_authorize_sends_pkce_s256(config: Config, store_for: Callable[..., Store],
+                                   fake: FakeJustimmo) -> None:
+    store = store_for(config)
+    code, out, err = run_authorize(config, store, browser())
+    assert code == 0, err
+    query = parse_qs(urlsplit(out.strip()).query)
+    assert query["code_challenge_method"] == ["S256"]
+    assert fake.stats()["last_code_challenge"] == query["code_challenge"][0]
+    assert [g.user_id for g in store.iter_grants()] == ["1234"]  # the verifier matched
+    assert "code_verifier" not in out + err
+
+
+def test_authorize_with_another_challenge_stores_nothing(
+        config: Config, store_for: Callable[..., Store], fake: FakeJustimmo) -> None:
+    """A code issued for another challenge (an injected or intercepted code) is refused
+    by the provider: this flow's verifier does not match it."""
+    store = store_for(config)
+    other = pkce.new_pair()
+    follow = browser()
+
+    def on_url(url: str) -> None:
+        parts = urlsplit(url)
+        query = [(k, other.challenge if k == "code_challenge" else v)
+                 for k, v in parse_qsl(parts.query)]
+        follow(urlunsplit(parts._replace(query=urlencode(query))))
+
+    code, _out, err = run_authorize(config, store, on_url)
+    assert fake.stats()["last_code_challenge"] == other.challenge
+    assert code == 1 and "code exchange failed" in err and "invalid_grant" in err, err
+    assert "nothing stored" in err
+    assert list(store.iter_grants()) == []
 
 
 @pytest.mark.parametrize(("case", "message"), [
