@@ -707,9 +707,11 @@ def pkce_code(http: requests.Session, fake: FakeJustimmo, challenge: str = CHALL
 
 
 def exchange(http: requests.Session, fake: FakeJustimmo, code: str,
-             **verifier: str) -> requests.Response:
-    return token(http, fake, grant_type="authorization_code", code=code,
-                 redirect_uri=REDIRECT, **verifier)
+             code_verifier: str | None = None) -> requests.Response:
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT}
+    if code_verifier is not None:
+        form["code_verifier"] = code_verifier
+    return token(http, fake, True, **form)
 
 
 @pytest.mark.parametrize("league", ["5", "9"])
