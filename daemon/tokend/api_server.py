@@ -243,7 +243,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(BoundedHTTPServer):
     def __init__(self, *, unix_path: Path | None, address: tuple[str, int] | None,
-                 inherited: socket.socket | None, request_timeout: float) -> None:
+                 inherited: socket.socket | None, request_timeout: float,
+                 idle_timeout: float | None = None) -> None:
         self._unix_path = unix_path
         self._inherited = inherited
         if inherited is not None:
@@ -251,7 +252,8 @@ class _Server(BoundedHTTPServer):
         elif unix_path is not None:
             self.address_family = socket.AF_UNIX
         super().__init__(address or ("", 0), _Handler, name="tokend-api-http",
-                         workers=8, request_timeout=request_timeout)
+                         workers=8, request_timeout=request_timeout,
+                         idle_timeout=idle_timeout)
 
     def server_bind(self) -> None:
         if self._inherited is not None:
@@ -296,7 +298,8 @@ def inherited_socket(env: dict[str, str] | None = None) -> socket.socket | None:
 
 class ApiServer:
     def __init__(self, config: Config, tokens: TokenStore, ondemand: OnDemand, *,
-                 inherited: socket.socket | None = None) -> None:
+                 inherited: socket.socket | None = None,
+                 idle_timeout: float | None = None) -> None:
         api = config.api
         self.unix_path = api.socket_path if inherited is None else None
         is_unix = (inherited.family == socket.AF_UNIX if inherited is not None
@@ -308,7 +311,8 @@ class ApiServer:
         timeout = (api.wait.total_seconds() + config.provider.timeout.total_seconds() * 2
                    + 10)
         self.server = _Server(unix_path=self.unix_path, address=api.address,
-                              inherited=inherited, request_timeout=timeout)
+                              inherited=inherited, request_timeout=timeout,
+                              idle_timeout=idle_timeout)
         self.server.api = TokenApi(config, tokens, ondemand,  # type: ignore[attr-defined]
                                    needs_key=not is_unix)
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
