@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     demo = sub.add_parser("demo", help="everything embedded: fake provider, SQLite, daemon")
-    demo.add_argument("--duration", type=_seconds, default=None,
-                      help="stop after this long (e.g. 90s); default: until Ctrl-C")
+    demo.add_argument("--duration", type=_seconds, default=60.0,
+                      help="stop after this long, then print the summary (default: 60s; "
+                           "0: until Ctrl-C)")
     demo.add_argument("--listen", default="127.0.0.1:9464", help="metrics HOST:PORT")
     demo.add_argument("--dir", default=None, help="working directory (default: a temp dir)")
     demo.set_defaults(handler=_demo)
@@ -244,11 +245,15 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
         raise InputError(f"import: {args.file} cannot be read: "
                          f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
     records = validate(parse_records(text), config, utcnow())
+    from .progress import Progress
+
     store = _open(config)
     try:
         now = store.clock()
-        ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
-                                  check=lambda stored: check_stored(records, stored))
+        with Progress("importing", len(records)) as progress:
+            ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
+                                      check=lambda stored: check_stored(records, stored),
+                                      progress=progress)
     except StoreConflict:
         # The only unique constraint a new row can break: one client_credentials grant
         # per client (the daemon creates it for clients with client_credentials = true).
@@ -326,9 +331,13 @@ def _keys_generate(_args: argparse.Namespace, _config: Config) -> int:
 def _keys_rotate(_args: argparse.Namespace, config: Config) -> int:
     if not config.encryption.keys:
         raise ConfigError(f"encryption.key_file: {config.encryption.key_file} holds no key")
+    from .progress import Progress
+
     store = _open(config)
     try:
-        n = store.reencrypt()
+        total = sum(store.stats().counts.values())
+        with Progress("re-encrypting", total) as progress:
+            n = store.reencrypt(progress=progress)
     finally:
         store.close()
     print(f"re-encrypted the tokens of {n} grant(s) with the newest key")
@@ -344,7 +353,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 def _demo(args: argparse.Namespace, _config: Config) -> int:
     from .demo import run_demo
 
-    return run_demo(duration=args.duration, listen=args.listen, workdir=args.dir)
+    return run_demo(duration=args.duration or None, listen=args.listen, workdir=args.dir)
 
 
 def _authorize(args: argparse.Namespace, config: Config) -> int:

@@ -421,7 +421,7 @@ class Store:
 
     def insert_grants(self, grants: Sequence[NewGrant], decide: Decide, *,
                       check: Callable[[Mapping[tuple[str, str], int]], None] | None = None,
-                      ) -> list[int]:
+                      progress: Callable[[int], None] | None = None) -> list[int]:
         """Insert all grants in ONE transaction (all or nothing).
 
         ``check`` sees, in the same transaction, the stored authorization-code grant of
@@ -436,6 +436,8 @@ class Store:
                 chunk = grants[start:start + _INSERT_CHUNK]
                 rows = [self._new_row(ids[start + i], g, now, decide) for i, g in enumerate(chunk)]
                 conn.execute(insert(G), rows)
+                if progress is not None:
+                    progress(len(chunk))  # encrypted and sent; committed at the end
         return ids
 
     def _user_grants(self, conn: Connection, grants: Sequence[NewGrant],
@@ -923,7 +925,8 @@ class Store:
 
     # ------------------------------------------------------------------ keys
 
-    def reencrypt(self, batch: int = 500, *, rounds: int = 20) -> int:
+    def reencrypt(self, batch: int = 500, *, rounds: int = 20,
+                  progress: Callable[[int], None] | None = None) -> int:
         """Re-encrypt every token not under the newest key, in batches; resumable.
 
         Safe while daemons run: each row is written only if both ciphertexts are still
@@ -940,6 +943,8 @@ class Store:
             if not rows:
                 return done
             last = rows[-1][0]
+            if progress is not None:
+                progress(len(rows))
             pending = [(r[0], r[1], r[2]) for r in rows]
             for _ in range(rounds):
                 changed = []
