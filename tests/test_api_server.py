@@ -181,7 +181,7 @@ link_key_file = "{link_key}"
 
 def test_missing_or_bad_key_is_401_and_other_clients_403(env: Env) -> None:
     _, server = env.replica()
-    gid, t = env.seed(user_id=7)
+    gid, _t = env.seed(user_id=7)
     for key in (None, "wrong" * 8, KEY_ALL[:-1]):
         r = get(env.url(server), key=key, client="main", user_id="7")
         assert r.status_code == 401 and "access_token" not in r.json()
@@ -277,7 +277,7 @@ def test_unix_socket_mode_and_no_key(tmp_path: Path, db_url: str, key_file: Path
         e = Env(tmp_path, db_url, key_file, fake, store_for, listen="tokend-api.sock",
                 api_extra='clients = ["main"]')
         try:
-            _, server = e.replica()
+            _, _server = e.replica()
             path = tmp_path / "run" / "tokend-api.sock"
             assert e.config.api.socket_path == path
             mode = path.stat().st_mode
@@ -302,7 +302,7 @@ def test_refresh_now_in_process_and_bearer_auth(tmp_path: Path, db_url: str, key
                                                 store_for: Callable[..., Store]) -> None:
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}) as fake:
         e = Env(tmp_path, db_url, key_file, fake, store_for, listen="")
-        gid, t = e.seed(user_id=7, access="stale-token-the-provider-never-issued")
+        _gid, _t = e.seed(user_id=7, access="stale-token-the-provider-never-issued")
         tokens = TokenStore(e.config, store=e.store)
         try:
             from tokend.api import BearerAuth
