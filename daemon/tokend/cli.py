@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "consent.link_ttl, 7d)")
     link.set_defaults(handler=_consent_link)
 
+    status = sub.add_parser("status", help="one screen: grants, deadlines, held tokens, "
+                            "blocked clients, replicas, backlog (from the database)")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(handler=_status)
+
     token = sub.add_parser("token", help="print the current access token of a grant")
     token.add_argument("id", type=_grant_id)
     token.set_defaults(handler=_token)
@@ -287,6 +292,21 @@ def _grants_action(args: argparse.Namespace, config: Config) -> int:
                   "the daemon checks it on its next pass")
     finally:
         store.close()
+    return 0
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from . import status
+
+    store = _open(config)
+    try:
+        now = store.clock()
+        s = status.summary(store.stats(list(config.clients)), store.deadlines(status.DEADLINES),
+                           store.replicas(), now, config.schedule.interval)
+    finally:
+        store.close()
+    print(json.dumps(s, indent=2) if args.json else status.render(s), end="\n" if args.json
+          else "")
     return 0
 
 
