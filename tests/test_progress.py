@@ -55,7 +55,7 @@ def test_plain_lines_off_a_terminal_and_a_bar_on_one(tmp_path: Path, key_file: P
     assert _run(config, "db", "upgrade", tty=False)[0] == 0
     src = tmp_path / "a.jsonl"
     src.write_text(_records(1200))
-    code, out, err = _run(config, "grants", "import", str(src), tty=False)
+    code, out, err = _run(config, "grants", "import", "--progress", str(src), tty=False)
     assert code == 0, err
     assert "importing: 1200/1200" in err and "\r" not in err
     assert "imported 1200 grant(s)" in out
@@ -65,5 +65,9 @@ def test_plain_lines_off_a_terminal_and_a_bar_on_one(tmp_path: Path, key_file: P
     assert code == 0, err
     assert "re-encrypting" in err and "\r" in err and "grant" in err  # tqdm's bar
     assert "re-encrypted the tokens of 1200 grant(s)" in out
+    # off a terminal and not asked for: nothing on stderr (scripts read it for errors)
+    key_file.write_text(generate_key() + "\n" + key_file.read_text())
+    assert _run(config, "keys", "rotate", tty=False)[1:] == (
+        "re-encrypted the tokens of 1200 grant(s) with the newest key\n", "")
     for secret in ("AT-1-secret", "RT-1-secret"):
         assert secret not in out + err

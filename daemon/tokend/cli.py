@@ -17,6 +17,8 @@ from .errors import ConfigError, GrantUnreadable, InputError, StoreConflict, Tok
 from .model import Status, UnreadableGrant
 
 Handler = Callable[[argparse.Namespace, Config], int]
+PROGRESS_HELP = ("progress lines on stderr also when it is not a terminal (on a terminal "
+                 "a progress bar is always shown)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_grants_show)
     imp = grants.add_parser("import", help="import token responses (JSON array or JSON lines)")
     imp.add_argument("file", help="a file, or - for stdin")
+    imp.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     imp.set_defaults(handler=_grants_import)
     for name, helptext in (("disable", "pause a grant"), ("enable", "resume a grant"),
                            ("delete", "delete a grant")):
@@ -103,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", metavar="ACTION", parser_class=_Parser)
     keys.required = True
     keys.add_parser("generate", help="print a new key").set_defaults(handler=_keys_generate)
-    keys.add_parser("rotate", help="re-encrypt every token with the newest key").set_defaults(
-        handler=_keys_rotate)
+    rotate = keys.add_parser("rotate", help="re-encrypt every token with the newest key")
+    rotate.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+    rotate.set_defaults(handler=_keys_rotate)
     return p
 
 
@@ -255,7 +259,7 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
     store = _open(config)
     try:
         now = store.clock()
-        with Progress("importing", len(records)) as progress:
+        with Progress("importing", len(records), plain=args.progress) as progress:
             ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
                                       check=lambda stored: check_stored(records, stored),
                                       progress=progress)
@@ -348,7 +352,7 @@ def _keys_generate(_args: argparse.Namespace, _config: Config) -> int:
     return 0
 
 
-def _keys_rotate(_args: argparse.Namespace, config: Config) -> int:
+def _keys_rotate(args: argparse.Namespace, config: Config) -> int:
     if not config.encryption.keys:
         raise ConfigError(f"encryption.key_file: {config.encryption.key_file} holds no key")
     from .progress import Progress
@@ -356,7 +360,7 @@ def _keys_rotate(_args: argparse.Namespace, config: Config) -> int:
     store = _open(config)
     try:
         total = sum(store.stats().counts.values())
-        with Progress("re-encrypting", total) as progress:
+        with Progress("re-encrypting", total, plain=args.progress) as progress:
             n = store.reencrypt(progress=progress)
     finally:
         store.close()

@@ -1,5 +1,6 @@
-"""Progress of long commands (``grants import``, ``keys rotate``): a bar on a terminal,
-plain lines otherwise (a pipe, a log file, a CI job), never both."""
+"""Progress of long commands (``grants import``, ``keys rotate``): a bar on a terminal;
+elsewhere (a pipe, a log file, a CI job) plain lines when asked for (``--progress``),
+else nothing: scripts and cron jobs that read stderr get only errors there."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ PLAIN_EVERY = 5.0  # seconds between plain lines
 
 
 class Progress:
-    def __init__(self, what: str, total: int, *, stream: TextIO | None = None) -> None:
+    def __init__(self, what: str, total: int, *, plain: bool = False,
+                 stream: TextIO | None = None) -> None:
         self.what = what
         self.total = total
         self.done = 0
         self.stream = stream or sys.stderr
+        self.plain = plain
         self.bar: Any = None  # a tqdm bar
         if self.stream.isatty():
             self.bar = tqdm(total=total, desc=what, unit="grant", file=self.stream,
@@ -37,6 +40,8 @@ class Progress:
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
+            return
+        if not self.plain:
             return
         now = time.monotonic()
         if now - self._last >= PLAIN_EVERY or self.done >= self.total:
