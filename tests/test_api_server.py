@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import stat
 import threading
@@ -317,3 +318,50 @@ def test_refresh_now_in_process_and_bearer_auth(tmp_path: Path, db_url: str, key
             assert refreshes(fake) == 1
         finally:
             tokens.close()
+
+
+def test_held_grant_is_not_refreshed(env: Env) -> None:
+    """Its rotated token waits to be saved (spooled): the stored one is spent."""
+    from tokend import spool
+    from tokend.model import Outcome
+
+    m, server = env.replica()
+    gid, _ = env.seed(user_id=7)
+    g = env.store.get(gid)
+    outcome = Outcome(status=Status.OK, reason=None, next_attempt_at=None, failure_count=0,
+                      last_error=None, in_doubt=False, access_token="held-access",
+                      refresh_token="held-refresh", obtained_at=datetime.now(UTC))
+    entry = spool.Entry.of(g, outcome, m.owner, None, datetime.now(UTC))
+    m.held.hold(entry)
+    try:
+        r = refresh(env.url(server), gid)
+        assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
+        assert "held" not in r.text
+        assert refreshes(env.fake) == 0
+    finally:
+        m.held.done(entry)
+
+
+@pytest.mark.parametrize(("api", "keys", "error"), [
+    ('listen = "0.0.0.0:8471"', None, "not a loopback address"),
+    ('listen = "127.0.0.1:8471"', None, "api.key_file: is required"),
+    ('listen = "127.0.0.1:8471"', "short\n", "at least 16 characters"),
+    ('listen = "127.0.0.1:8471"', "k" * 20 + " nope\n", "unknown client 'nope'"),
+    ('listen = "127.0.0.1:8471"', "# only a comment\n", "holds no key"),
+    ('listen = "api.sock"\nclients = ["nope"]', None, "api.clients: unknown client"),
+    ('listen = "api.sock"\nwait = "1h"', None, "api.wait: must be at most"),
+])
+def test_bad_api_config_is_one_line(tmp_path: Path, key_file: Path, api: str,
+                                    keys: str | None, error: str) -> None:
+    from tokend.errors import ConfigError
+
+    extra = f"\n[api]\n{api}\n"
+    if keys is not None:
+        (tmp_path / "keys").write_text(keys)
+        extra += f'key_file = "{tmp_path / "keys"}"\n'
+    path = write_config(tmp_path, f"sqlite:///{tmp_path / 't.db'}", key_file=key_file,
+                        extra=extra)
+    with pytest.raises(ConfigError, match=re.escape(error)) as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value)
+    assert "k" * 20 not in str(info.value)
