@@ -128,6 +128,10 @@ class TokenStore:
             raise GrantUnavailable(f"no grant for {who} of client {client!r}")
         return found[-1]
 
+    def by_id(self, grant_id: int) -> Grant:
+        """Grant ``grant_id`` (tokens left out); GrantNotFound if there is none."""
+        return self._store.get(grant_id)
+
     def consent_link(self, grant_id: int) -> str:
         """A signed link the grant's user opens to re-consent (``[consent]`` must be set)."""
         from .consent import link_for

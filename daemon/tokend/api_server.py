@@ -128,7 +128,7 @@ class TokenApi:
 
     def _token(self, query: dict[str, str], allowed: frozenset[str]) -> Reply:
         if "grant_id" in query:
-            grant = self.tokens._store.get(_grant_id(query["grant_id"]))
+            grant = self.tokens.by_id(_grant_id(query["grant_id"]))
         elif "client" in query:
             client = query["client"]
             if client not in self.config.clients:
@@ -149,7 +149,7 @@ class TokenApi:
         return self._reply(grant)
 
     def _refresh(self, grant_id: int, allowed: frozenset[str]) -> Reply:
-        grant = self.tokens._store.get(grant_id)
+        grant = self.tokens.by_id(grant_id)
         if not _covers(allowed, grant.client):
             return _forbidden(grant.client)
         return self._reply(self.ondemand.refresh(grant_id))
@@ -164,7 +164,7 @@ class TokenApi:
             return Reply(409, body, grant_id=grant.id)
         try:
             token = self.tokens.access_token_by_id(grant.id)
-            grant = self.tokens._store.get(grant.id)
+            grant = self.tokens.by_id(grant.id)
         except GrantUnavailable as exc:
             return Reply(503, {"error": "unavailable", "detail": str(exc)},
                          {"Retry-After": "5"}, grant.id)
@@ -209,7 +209,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve()
 
     def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = 0
         if 0 < length <= 4096:
             self.rfile.read(length)  # nothing is read from a body; drained for keep-alive
         self._serve()
