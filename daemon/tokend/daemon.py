@@ -181,9 +181,9 @@ class Daemon:
 
     def stop(self) -> None:
         self.stop_event.set()
-        if self.api_server is not None:
-            self.api_server.stop()
         self.maintenance.stop()
+        if self.api_server is not None:  # on-demand callers get 503 at once now
+            self.api_server.stop()
         # wait=True: the running pass finishes its in-flight refreshes and saves them.
         done = threading.Event()
 

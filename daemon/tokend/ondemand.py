@@ -77,6 +77,8 @@ class OnDemand:
             if step is not Step.REFRESH:
                 return grant
             self._check_admitted(grant)
+            if m.stop_event.is_set():
+                raise Unavailable("tokend is stopping", retry_after=5)
             claimed_at = time.monotonic()  # before the lease starts: conservative
             claim = store.claim_one(grant_id, m.owner, m.lease)
             if claim is not None:
@@ -86,6 +88,8 @@ class OnDemand:
                          detail="somebody else is refreshing it: waiting for the result")
                 waited = True
             left = deadline - time.monotonic()
+            if m.stop_event.is_set():
+                raise Unavailable("tokend is stopping", retry_after=5)
             if left <= 0:
                 raise Unavailable(f"grant {grant_id} is being refreshed elsewhere; no result "
                                   f"within {self.wait.total_seconds():g} s",
