@@ -25,6 +25,9 @@ def test_demo_shows_refreshes_and_a_reconsent_flag_and_hides_secrets(tmp_path: P
     assert output.count("refreshed") >= 4
     assert "reconsent_required" in output
     assert "refresh-token reuse: 0" in output
+    # it ended by itself (no signal) with its summary last
+    assert "summary after 25s:" in output or "summary after 26s:" in output
+    assert "stopping (the --duration is over)" in output
     # every token the demo ever stored, and the client secret, stay out of its output
     config = load_config(tmp_path / "tokend.toml", env={})
     store = open_store(config)
@@ -37,3 +40,11 @@ def test_demo_shows_refreshes_and_a_reconsent_flag_and_hides_secrets(tmp_path: P
     assert len(secrets) >= 6
     for secret in secrets:
         assert secret not in output
+
+
+def test_demo_ends_by_itself_by_default() -> None:
+    from tokend.cli import build_parser
+
+    args = build_parser().parse_args(["demo"])
+    assert args.duration == 60.0
+    assert build_parser().parse_args(["demo", "--duration", "0"]).duration == 0.0

@@ -215,3 +215,32 @@ def test_any_rate_any_arrival_pattern_holds_every_window(rate: float, guard: flo
         assert max_in_window(times) <= limit
     else:
         assert max_in_window(times, 1 - 1e-6) <= limit
+
+
+def test_priority_callers_go_first_within_the_same_limit() -> None:
+    """An on-demand refresh (an application waits for it) starts before scheduled ones
+    that were waiting already, and still counts against the same limit."""
+    import time
+
+    limiter = RateLimiter(4)
+    assert limiter.acquire()  # the slot is taken: everyone below waits for the next one
+    order: list[tuple[str, float]] = []
+    lock = threading.Lock()
+
+    def take(name: str, priority: bool) -> None:
+        assert limiter.acquire(priority=priority)
+        with lock:
+            order.append((name, time.monotonic()))
+
+    scheduled = [threading.Thread(target=take, args=(f"scheduled-{i}", False))
+                 for i in range(3)]
+    for t in scheduled:
+        t.start()
+    time.sleep(0.05)  # they wait first
+    urgent = threading.Thread(target=take, args=("on-demand", True))
+    urgent.start()
+    for t in [*scheduled, urgent]:
+        t.join(10)
+    assert order[0][0] == "on-demand", order
+    gaps = [b[1] - a[1] for a, b in itertools.pairwise(order)]
+    assert min(gaps) >= limiter.interval - 0.01, gaps

@@ -130,3 +130,33 @@ def test_security_exposure() -> None:
     exposure = float(match.group(1))
     assert exposure <= MAX_EXPOSURE, result.stdout
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------- the token API socket
+
+SOCKET = UNIT.with_name("tokend-api.socket")
+
+
+def test_api_socket_contract() -> None:
+    text = SOCKET.read_text()
+    assert "\nSocketMode=0660\n" in text
+    assert re.search(r"^SocketGroup=\S+$", text, re.M)
+    assert "\nService=tokend.service\n" in text
+    assert re.search(r"^ListenStream=/run/\S+\.sock$", text, re.M)
+
+
+def test_api_socket_verify_is_silent(tmp_path: Path) -> None:
+    tool = systemd_analyze()
+    stub = tmp_path / "tokend"
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    (tmp_path / "tokend.service").write_text(UNIT.read_text().replace(PROGRAM, str(stub)))
+    copy = tmp_path / "tokend-api.socket"
+    copy.write_text(SOCKET.read_text())
+    env_path = f"{tmp_path}:"  # the service it names is found beside it
+    result = subprocess.run([tool, "verify", str(copy)], capture_output=True, text=True,
+                            timeout=120, check=False,
+                            env={**os.environ, "SYSTEMD_PAGER": "", "LC_ALL": "C",
+                                 "SYSTEMD_UNIT_PATH": env_path})
+    assert result.stderr == "", result.stderr
+    assert result.returncode == 0, result.stdout

@@ -17,6 +17,8 @@ from .errors import ConfigError, GrantUnreadable, InputError, StoreConflict, Tok
 from .model import Status, UnreadableGrant
 
 Handler = Callable[[argparse.Namespace, Config], int]
+PROGRESS_HELP = ("progress lines on stderr also when it is not a terminal (on a terminal "
+                 "a progress bar is always shown)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=_run)
 
     demo = sub.add_parser("demo", help="everything embedded: fake provider, SQLite, daemon")
-    demo.add_argument("--duration", type=_seconds, default=None,
-                      help="stop after this long (e.g. 90s); default: until Ctrl-C")
+    demo.add_argument("--duration", type=_seconds, default=60.0,
+                      help="stop after this long, then print the summary (default: 60s; "
+                           "0: until Ctrl-C)")
     demo.add_argument("--listen", default="127.0.0.1:9464", help="metrics HOST:PORT")
     demo.add_argument("--dir", default=None, help="working directory (default: a temp dir)")
     demo.set_defaults(handler=_demo)
@@ -66,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(handler=_grants_show)
     imp = grants.add_parser("import", help="import token responses (JSON array or JSON lines)")
     imp.add_argument("file", help="a file, or - for stdin")
+    imp.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
     imp.set_defaults(handler=_grants_import)
     for name, helptext in (("disable", "pause a grant"), ("enable", "resume a grant"),
                            ("delete", "delete a grant")):
@@ -89,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "consent.link_ttl, 7d)")
     link.set_defaults(handler=_consent_link)
 
+    status = sub.add_parser("status", help="one screen: grants, deadlines, held tokens, "
+                            "blocked clients, replicas, backlog (from the database)")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.set_defaults(handler=_status)
+
     token = sub.add_parser("token", help="print the current access token of a grant")
     token.add_argument("id", type=_grant_id)
     token.set_defaults(handler=_token)
@@ -97,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="keys_command", metavar="ACTION", parser_class=_Parser)
     keys.required = True
     keys.add_parser("generate", help="print a new key").set_defaults(handler=_keys_generate)
-    keys.add_parser("rotate", help="re-encrypt every token with the newest key").set_defaults(
-        handler=_keys_rotate)
+    rotate = keys.add_parser("rotate", help="re-encrypt every token with the newest key")
+    rotate.add_argument("--progress", action="store_true", help=PROGRESS_HELP)
+    rotate.set_defaults(handler=_keys_rotate)
     return p
 
 
@@ -244,11 +254,15 @@ def _grants_import(args: argparse.Namespace, config: Config) -> int:
         raise InputError(f"import: {args.file} cannot be read: "
                          f"{getattr(exc, 'strerror', None) or 'not UTF-8 text'}") from None
     records = validate(parse_records(text), config, utcnow())
+    from .progress import Progress
+
     store = _open(config)
     try:
         now = store.clock()
-        ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
-                                  check=lambda stored: check_stored(records, stored))
+        with Progress("importing", len(records), plain=args.progress) as progress:
+            ids = store.insert_grants(records, lambda g: initial(g, now, config.schedule),
+                                      check=lambda stored: check_stored(records, stored),
+                                      progress=progress)
     except StoreConflict:
         # The only unique constraint a new row can break: one client_credentials grant
         # per client (the daemon creates it for clients with client_credentials = true).
@@ -282,6 +296,21 @@ def _grants_action(args: argparse.Namespace, config: Config) -> int:
                   "the daemon checks it on its next pass")
     finally:
         store.close()
+    return 0
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    from . import status
+
+    store = _open(config)
+    try:
+        now = store.clock()
+        s = status.summary(store.stats(list(config.clients)), store.deadlines(status.DEADLINES),
+                           store.replicas(), now, config.schedule.interval)
+    finally:
+        store.close()
+    print(json.dumps(s, indent=2) if args.json else status.render(s), end="\n" if args.json
+          else "")
     return 0
 
 
@@ -323,12 +352,16 @@ def _keys_generate(_args: argparse.Namespace, _config: Config) -> int:
     return 0
 
 
-def _keys_rotate(_args: argparse.Namespace, config: Config) -> int:
+def _keys_rotate(args: argparse.Namespace, config: Config) -> int:
     if not config.encryption.keys:
         raise ConfigError(f"encryption.key_file: {config.encryption.key_file} holds no key")
+    from .progress import Progress
+
     store = _open(config)
     try:
-        n = store.reencrypt()
+        total = sum(store.stats().counts.values())
+        with Progress("re-encrypting", total, plain=args.progress) as progress:
+            n = store.reencrypt(progress=progress)
     finally:
         store.close()
     print(f"re-encrypted the tokens of {n} grant(s) with the newest key")
@@ -344,7 +377,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 def _demo(args: argparse.Namespace, _config: Config) -> int:
     from .demo import run_demo
 
-    return run_demo(duration=args.duration, listen=args.listen, workdir=args.dir)
+    return run_demo(duration=args.duration or None, listen=args.listen, workdir=args.dir)
 
 
 def _authorize(args: argparse.Namespace, config: Config) -> int:

@@ -229,6 +229,44 @@ class ConsentConfig:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One bearer key of the token API; ``clients`` empty: every client (``[api] clients``
+    still applies)."""
+
+    key: Secret
+    clients: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"ApiKey(key=********, clients={self.clients!r})"
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local token API (``tokend.api_server``); off while ``listen`` is empty.
+
+    ``listen``: ``HOST:PORT`` on loopback (a bearer key from ``key_file`` is then
+    required), or a Unix socket path (resolved at load time: a relative path under
+    ``$RUNTIME_DIRECTORY``, else next to the config file). A socket handed over by
+    systemd (``LISTEN_FDS``) is used instead, whatever ``listen`` says.
+    ``clients``: the only clients whose tokens this API serves (empty: all).
+    """
+
+    listen: str = ""
+    socket_path: Path | None = None  # set when ``listen`` is a path
+    keys: tuple[ApiKey, ...] = ()
+    clients: tuple[str, ...] = ()
+    wait: timedelta = timedelta(seconds=20)  # an on-demand caller's longest wait
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if not self.listen or self.socket_path else split_host_port(self.listen)
+
+
+@dataclass(frozen=True)
 class StateConfig:
     """Where tokend keeps what must outlive the process (owner locks, the spool).
 
@@ -255,6 +293,7 @@ class Config:
     state: StateConfig = StateConfig()
     source: Path | None = None
     consent: ConsentConfig = ConsentConfig()
+    api: ApiConfig = ApiConfig()
 
     def state_dir(self) -> Path:
         """The state directory, or a ConfigError saying how to set one."""
@@ -293,6 +332,7 @@ _SECTIONS: dict[str, set[str]] = {
     "notify": {"webhook_url", "webhook_secret", "webhook_secret_file"},
     "state": {"dir"},
     "consent": {"listen", "public_url", "link_key", "link_key_file", "link_ttl", "reminders"},
+    "api": {"listen", "key_file", "clients", "wait"},
 }
 _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
@@ -466,6 +506,7 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
         database=database, provider=provider, clients=clients, schedule=schedule,
         metrics=metrics, logging=logging_cfg, encryption=encryption, notify=notify,
         state=_state(r, database, env), source=source, consent=consent,
+        api=_api(r, clients),
     )
 
 
@@ -507,6 +548,75 @@ def _consent(r: _Reader) -> ConsentConfig:
         reminders = tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
     return ConsentConfig(listen=listen, public_url=public_url, link_key=key, link_ttl=ttl,
                          reminders=reminders)
+
+
+_LOOPBACK = ("localhost",)
+
+
+def _api(r: _Reader, clients: Mapping[str, ClientConfig]) -> ApiConfig:
+    listen = r.string("api", "listen", "")
+    raw = r.raw.get("api", {}).get("clients", [])
+    if isinstance(raw, _EnvValue):
+        raw = [x.strip() for x in raw.split(",") if x.strip()]
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ConfigError('api.clients: must be a list of client names like ["main"]')
+    for name in raw:
+        if name not in clients:
+            raise ConfigError(f"api.clients: unknown client {name!r}")
+    wait = r.timedelta("api", "wait", ApiConfig.wait, positive=True,
+                       maximum=timedelta(minutes=5))
+    key_name = r.string("api", "key_file", "")
+    keys = read_api_keys(r.locate(key_name), clients) if key_name else ()
+    socket_path: Path | None = None
+    if listen and ("/" in listen or ":" not in listen):
+        path = Path(listen).expanduser()
+        if not path.is_absolute():
+            runtime = (r.env.get("RUNTIME_DIRECTORY") or "").split(":")[0].strip()
+            base = Path(runtime) if runtime else (
+                r.source.parent if r.source is not None else Path.cwd())
+            path = base / path
+        socket_path = path.absolute()
+    elif listen:
+        host, _port = r.parse("api", "listen", split_host_port, listen)
+        try:
+            loopback = host in _LOOPBACK or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"api.listen: {host} is not a loopback address (tokens are "
+                              "served to this host only; use 127.0.0.1:PORT or a socket path)")
+        if not keys:
+            raise ConfigError("api.key_file: is required when api.listen is HOST:PORT "
+                              "(one bearer key per line; never created by tokend)")
+    return ApiConfig(listen=listen, socket_path=socket_path, keys=keys,
+                     clients=tuple(raw), wait=wait)
+
+
+def read_api_keys(path: Path, clients: Mapping[str, ClientConfig]) -> tuple[ApiKey, ...]:
+    """``KEY`` or ``KEY client[,client...]`` per line; ``#`` comments."""
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "not ASCII text"
+        raise ConfigError(f"api.key_file: {path} cannot be read: {reason}") from None
+    keys: list[ApiKey] = []
+    for number, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts[0]) < 16 or len(parts) > 2:
+            raise ConfigError(f"api.key_file: {path} line {number}: expected a key of at "
+                              "least 16 characters, then optionally client names "
+                              "separated by commas")
+        names = tuple(n for n in parts[1].split(",") if n) if len(parts) == 2 else ()
+        for name in names:
+            if name not in clients:
+                raise ConfigError(f"api.key_file: {path} line {number}: unknown client "
+                                  f"{name!r}")
+        keys.append(ApiKey(Secret(parts[0]), names))
+    if not keys:
+        raise ConfigError(f"api.key_file: {path} holds no key")
+    return tuple(keys)
 
 
 def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> StateConfig:
@@ -831,6 +941,13 @@ def render(config: Config) -> str:
         f"public_url = {q(_hide_user(config.consent.public_url))}",
         f"link_key = {q('********' if config.consent.link_key else '')}",
         f"link_ttl = {q(str(config.consent.link_ttl))}",
-        "reminders = [" + ", ".join(q(str(d)) for d in config.consent.reminders) + "]",
+        "reminders = [" + ", ".join(q(str(d)) for d in config.consent.reminders) + "]", "",
+        "[api]",
+        f"listen = {q(config.api.listen)}"
+        + (f"  # socket {config.api.socket_path}" if config.api.socket_path else ""),
+        f"key_file = {q('********' if config.api.keys else '')}"
+        f"  # {len(config.api.keys)} key(s) loaded",
+        "clients = [" + ", ".join(q(c) for c in config.api.clients) + "]",
+        f"wait = {q(str(int(config.api.wait.total_seconds())) + 's')}",
     ]
     return "\n".join(lines) + "\n"

@@ -18,7 +18,8 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from . import logs, state
+from . import heartbeat, logs, state
+from .api_server import ApiServer
 from .config import Config
 from .consent_server import ConsentServer
 from .errors import SchemaError, StoreError, TokendError
@@ -54,6 +55,8 @@ class Daemon:
         self.scheduler = BackgroundScheduler(timezone=UTC)
         self.server: MetricsServer | None = None
         self.consent_server: ConsentServer | None = None
+        self.api_server: ApiServer | None = None
+        self.started_at = datetime.now(UTC)
 
     # ------------------------------------------------------------------ passes
 
@@ -68,6 +71,8 @@ class Daemon:
             self.consecutive_errors += 1
             self.metrics.pass_done((datetime.now(UTC) - started).total_seconds(), None)
             log.error("pass_failed", error=str(exc), consecutive=self.consecutive_errors)
+            heartbeat.write(self.store, heartbeat.row(
+                self.maintenance, self.started_at, datetime.now(UTC), None, error=str(exc)))
             return None
         except Exception as exc:  # a bug must not end the daemon either
             self.consecutive_errors += 1
@@ -79,6 +84,8 @@ class Daemon:
         self.last_result = result
         self.metrics.pass_done(result.duration, finished)
         self.update_gauges()
+        heartbeat.write(self.store, heartbeat.row(self.maintenance, self.started_at,
+                                                  finished, result))
         log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,
                  failed=result.failed, skipped=result.skipped,
                  failures=dict(result.failures), duration_s=round(result.duration, 3),
@@ -143,6 +150,8 @@ class Daemon:
             log.info("consent_listening", address=f"{self.consent_server.address[0]}:"
                                                    f"{self.consent_server.address[1]}",
                      public_url=self.config.consent.public_url)
+        if self.config.api.enabled:
+            self.api_server = self._start_api()
         interval = self.config.schedule.interval.total_seconds()
         self.scheduler.add_job(
             self.run_pass, "interval", seconds=interval, id="maintenance",
@@ -154,9 +163,27 @@ class Daemon:
                 max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
         self.scheduler.start()
 
+    def _start_api(self) -> ApiServer:
+        from . import api_server
+        from .api import TokenStore
+        from .ondemand import OnDemand
+
+        tokens = TokenStore(self.config, store=self.store)
+        ondemand = OnDemand(self.maintenance, self.config.api.wait)
+        try:
+            server = api_server.start(self.config, tokens, ondemand)
+        except OSError as exc:
+            raise TokendError(f"api.listen: cannot listen on {self.config.api.listen}: "
+                              f"{exc.strerror}") from None
+        log.info("api_listening", address=server.address,
+                 clients=list(self.config.api.clients) or "all")
+        return server
+
     def stop(self) -> None:
         self.stop_event.set()
         self.maintenance.stop()
+        if self.api_server is not None:  # on-demand callers get 503 at once now
+            self.api_server.stop()
         # wait=True: the running pass finishes its in-flight refreshes and saves them.
         done = threading.Event()
 
@@ -176,6 +203,9 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
         self.update_gauges()
+        now = datetime.now(UTC)
+        heartbeat.write(self.store, heartbeat.row(
+            self.maintenance, self.started_at, None, None, stopped_at=now))
 
 
 def run_daemon(config: Config) -> int:

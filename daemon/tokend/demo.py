@@ -164,8 +164,9 @@ def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
                 _metrics(listen)
             if duration is not None and elapsed >= duration:
                 break
+        say(f"summary after {round(time.monotonic() - started)}s:")
         _summary(store, fake, say)
-        say("stopping")
+        say("stopping" + (" (the --duration is over)" if not stop.is_set() else ""))
         return 0
     finally:
         if daemon is not None:

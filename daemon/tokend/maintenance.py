@@ -214,14 +214,15 @@ class Maintenance:
                 _count(result, fut.result())
             self._probes.clear()
 
-    def _guarded(self, grant: Grant, claimed_at: float | None = None) -> str:
+    def _guarded(self, grant: Grant, claimed_at: float | None = None, *,
+                 priority: bool = False) -> str:
         if self.held.holds(grant.id):
             # Its new refresh token waits to be saved; the stored one is spent.
             log.info("grant_held", grant_id=grant.id, client=grant.client,
                      detail="not refreshed: its rotated token is not saved yet")
             return "held"
         try:
-            return self.attempt(grant, claimed_at)
+            return self.attempt(grant, claimed_at, priority=priority)
         except Exception as exc:  # the error boundary: log, count, go on
             log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
                       error=type(exc).__name__, detail=str(exc)[:200])
@@ -229,12 +230,14 @@ class Maintenance:
 
     # ------------------------------------------------------------------ one grant
 
-    def attempt(self, grant: Grant, claimed_at: float | None = None) -> str:
+    def attempt(self, grant: Grant, claimed_at: float | None = None, *,
+                priority: bool = False) -> str:
         """Handle one claimed grant; returns "ok", "skipped", "released", "held" or an
         error kind.
 
         ``claimed_at``: the monotonic time read just before the claim (see
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
+        ``priority``: an application waits for it (:mod:`tokend.ondemand`).
         """
         s = self.config.schedule
         now = self.store.clock()
@@ -246,7 +249,9 @@ class Maintenance:
         is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
         if not is_cc:
             status, reason = policy.lifecycle(grant, now, s)
-            if status == Status.RECONSENT_REQUIRED or not policy.needs_refresh(grant, now, s):
+            # On demand (priority) the application's 401 is the reason to refresh.
+            if status == Status.RECONSENT_REQUIRED or (
+                    not priority and not policy.needs_refresh(grant, now, s)):
                 # Due for a status change only (e.g. entering the re-consent window).
                 outcome = Outcome(status=status, reason=reason,
                                   next_attempt_at=policy.next_attempt(
@@ -276,7 +281,8 @@ class Maintenance:
         if grant.id not in self._probes and not self._admits(grant.client):
             held = (grant.status, grant.reason) if is_cc else (status, reason)
             return self._hold(grant, held, now)
-        if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event):
+        if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event,
+                                                                 priority=priority):
             self._release(grant)
             return "released"
         if claimed_at is not None:

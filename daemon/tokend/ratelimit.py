@@ -50,6 +50,7 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next: float | None = None  # earliest moment of the next start
+        self._urgent = 0  # priority callers waiting: the others let them go first
         if rate == 0:
             self.interval = 0.0
         else:
@@ -60,8 +61,23 @@ class RateLimiter:
     def unlimited(self) -> bool:
         return self.interval == 0.0
 
-    def acquire(self, stop: threading.Event | None = None) -> bool:
-        """Block until a request may start; False if ``stop`` is (or gets) set first."""
+    def acquire(self, stop: threading.Event | None = None, *, priority: bool = False) -> bool:
+        """Block until a request may start; False if ``stop`` is (or gets) set first.
+
+        ``priority`` (an application waits for it: on-demand refreshes): granted before
+        any non-priority caller waiting at the same time, within the same limit.
+        """
+        if priority and not self.unlimited:
+            with self._lock:
+                self._urgent += 1
+            try:
+                return self._acquire(stop, priority=True)
+            finally:
+                with self._lock:
+                    self._urgent -= 1
+        return self._acquire(stop, priority=False)
+
+    def _acquire(self, stop: threading.Event | None, *, priority: bool) -> bool:
         while True:
             if stop is not None and stop.is_set():
                 return False
@@ -73,10 +89,12 @@ class RateLimiter:
                 now = self._monotonic()
                 # Compared as "now >= next" rather than "now - last >= interval": then
                 # the wait (next - now) is never rounded down to zero while still early.
-                if self._next is None or now >= self._next:
+                free = self._next is None or now >= self._next
+                if free and (priority or not self._urgent):
                     self._next = now + self.interval
                     return True
-                delay = self._next - now
+                # A free slot is left to a waiting priority caller; look again shortly.
+                delay = self.interval / 4 if free else self._next - now  # type: ignore[operator]
             self._wait(delay, stop)
 
     def _wait(self, delay: float, stop: threading.Event | None) -> None:

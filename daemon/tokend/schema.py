@@ -157,3 +157,21 @@ class ConsentStateRow(Base):
     code_verifier: Mapped[str] = mapped_column(String(400))
 
     __table_args__ = (Index("ix_consent_states_expires_at", "expires_at"),)
+
+
+class ReplicaRow(Base):
+    """One tokend process's heartbeat (migration 0004), read by ``tokend status``."""
+
+    __tablename__ = "replicas"
+
+    owner: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_pass_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_pass: Mapped[str | None] = mapped_column(Text)  # JSON: counts, duration, ok
+    held_outcomes: Mapped[int] = mapped_column(Integer, default=0)
+    open_circuits: Mapped[str | None] = mapped_column(Text)  # JSON list of client names
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -55,10 +55,11 @@ from .config import Config
 from .crypto import Cipher, cipher_for
 from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreConflict, StoreError
 from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status, UnreadableGrant
-from .schema import EventRow, GrantRow, UTCDateTime
+from .schema import EventRow, GrantRow, ReplicaRow, UTCDateTime
 
 G = cast(Table, GrantRow.__table__)
 E = cast(Table, EventRow.__table__)
+R = cast(Table, ReplicaRow.__table__)
 Clock = Callable[[], datetime]
 Decide = Callable[[Grant], tuple[Status, str | None, datetime | None]]
 
@@ -420,7 +421,7 @@ class Store:
 
     def insert_grants(self, grants: Sequence[NewGrant], decide: Decide, *,
                       check: Callable[[Mapping[tuple[str, str], int]], None] | None = None,
-                      ) -> list[int]:
+                      progress: Callable[[int], None] | None = None) -> list[int]:
         """Insert all grants in ONE transaction (all or nothing).
 
         ``check`` sees, in the same transaction, the stored authorization-code grant of
@@ -435,6 +436,8 @@ class Store:
                 chunk = grants[start:start + _INSERT_CHUNK]
                 rows = [self._new_row(ids[start + i], g, now, decide) for i, g in enumerate(chunk)]
                 conn.execute(insert(G), rows)
+                if progress is not None:
+                    progress(len(chunk))  # encrypted and sent; committed at the end
         return ids
 
     def _user_grants(self, conn: Connection, grants: Sequence[NewGrant],
@@ -642,6 +645,26 @@ class Store:
                     return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
                                           lease_owner=owner, lease_expires_at=until)
             self._set_aside([bad])
+
+    def claim_one(self, grant_id: int, owner: str, lease: timedelta) -> Grant | None:
+        """Lease one grant, due or not, for an on-demand refresh (:mod:`tokend.ondemand`);
+        None while someone else's lease on it runs. Only active grants are claimed."""
+        now = self.clock()
+        until = now + lease
+        q = self._select(with_tokens=True).where(
+            G.c.id == grant_id, G.c.status.in_([s.value for s in ACTIVE]),
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+        if self.dialect == "postgresql":
+            q = q.with_for_update(skip_locked=True)
+        with self.tx() as conn:
+            row = conn.execute(q).first()
+            if row is None:
+                return None
+            g = self._grant(row, with_tokens=True)
+            conn.execute(_claim_update(self.dialect),
+                         {"ids": [g.id], "c_owner": owner, "c_until": until, "c_lease": lease})
+        return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
+                              lease_owner=owner, lease_expires_at=until)
 
     def release_held(self, client: str, markers: Sequence[str],
                      order: Callable[[Sequence[tuple[int, datetime | None]], datetime],
@@ -857,6 +880,40 @@ class Store:
             due: dict[str, int] = dict(conn.execute(due_q.group_by(G.c.client)).all())
         return Stats(counts=counts, access_earliest=access, refresh_earliest=refresh, due=due)
 
+    def deadlines(self, limit: int = 10) -> list[Grant]:
+        """The active grants whose refresh tokens end first (``tokend status``)."""
+        q = self._select().where(G.c.status.in_([s.value for s in ACTIVE]),
+                                 G.c.refresh_expires_at.isnot(None))
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(q.order_by(G.c.refresh_expires_at).limit(limit)).all()
+        out: list[Grant] = []
+        for r in rows:
+            try:
+                out.append(self._grant(r))
+            except GrantUnreadable:
+                continue  # shown by `tokend grants list`; not a reason to fail status
+        return out
+
+    # ------------------------------------------------------------------ replicas
+
+    def heartbeat(self, values: Mapping[str, Any]) -> None:
+        """Write this process's row of ``replicas`` (keyed by ``owner``)."""
+        row = dict(values, updated_at=self.clock())
+        with self.tx() as conn:
+            n = conn.execute(update(R).where(R.c.owner == row["owner"]).values(
+                {k: v for k, v in row.items() if k != "owner"})).rowcount
+            if n == 0:
+                conn.execute(insert(R).values(row))
+
+    def replicas(self, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The replicas' heartbeats, newest first (those updated since ``since``)."""
+        q = select(R)
+        if since is not None:
+            q = q.where(R.c.updated_at >= since)
+        with self.tx(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                q.order_by(R.c.updated_at.desc())).all()]
+
     def due_query_plan(self, now: datetime, limit: int = 100) -> str:
         """The backend's plan for the claim query itself, for tests and ``bench/``."""
         compiled = self.claim_query(now, limit).compile(
@@ -868,7 +925,8 @@ class Store:
 
     # ------------------------------------------------------------------ keys
 
-    def reencrypt(self, batch: int = 500, *, rounds: int = 20) -> int:
+    def reencrypt(self, batch: int = 500, *, rounds: int = 20,
+                  progress: Callable[[int], None] | None = None) -> int:
         """Re-encrypt every token not under the newest key, in batches; resumable.
 
         Safe while daemons run: each row is written only if both ciphertexts are still
@@ -885,6 +943,8 @@ class Store:
             if not rows:
                 return done
             last = rows[-1][0]
+            if progress is not None:
+                progress(len(rows))
             pending = [(r[0], r[1], r[2]) for r in rows]
             for _ in range(rounds):
                 changed = []
