@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 from tokend.classify import (
     MAX_RETRY_AFTER,
     GrantKind,
-    TokenResponse,
     classify_exception,
     parse_retry_after,
     parse_token_response,
@@ -30,6 +29,7 @@ from tokend.classify import (
     sanitize_error_code,
 )
 from tokend.errors import ErrorKind, ProviderError
+from tokend.model import TokenResponse
 
 SENT = datetime(2024, 1, 31, 12, 0, tzinfo=UTC)
 JSON = {"Content-Type": "application/json"}

@@ -8,11 +8,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from tokend import policy
-from tokend.classify import TokenResponse
 from tokend.config import ScheduleConfig
 from tokend.durations import Duration
 from tokend.errors import ErrorKind, ProviderError
-from tokend.model import Grant, Status
+from tokend.model import Grant, Status, TokenResponse
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = ScheduleConfig()  # interval 60s, refresh_before 6h, retry_max 15m, reconsent_before 7d

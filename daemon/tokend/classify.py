@@ -22,14 +22,14 @@ import re
 import socket
 import ssl
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeGuard
 
 import requests
 import urllib3.exceptions
 
 from .errors import ErrorKind, ProviderError
+from .model import PERMANENT_ERRORS, TokenResponse
 
 GrantKind = Literal["refresh_token", "client_credentials", "authorization_code"]
 
@@ -43,9 +43,6 @@ BEARER: Final = "Bearer"
 # Grants that act on a user's grant: a failure here can mean the grant is dead, and a
 # request that may have reached the server may have rotated or consumed it.
 _USER_GRANTS: Final = frozenset({"refresh_token", "authorization_code"})
-_PERMANENT_ON_USER_GRANT: Final = frozenset(
-    {"invalid_request", "invalid_grant", "unauthorized_client", "invalid_scope"}
-)
 _CLIENT_ON_USER_GRANT: Final = frozenset({"invalid_client", "unsupported_grant_type"})
 # Client credentials involve no user grant, so every "you are wrong" answer is about the
 # client's configuration.
@@ -63,23 +60,6 @@ _NUMERIC = re.compile(r"\s*[0-9]+(?:\.[0-9]+)?\s*", re.ASCII)
 _VSCHAR = re.compile(r"[\x20-\x7e]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
 _REDACTED = "********"
-
-
-@dataclass(frozen=True)
-class TokenResponse:
-    """A validated token endpoint answer."""
-
-    access_token: str = field(repr=False)
-    refresh_token: str | None = field(repr=False)
-    expires_in: float
-    token_type: str
-    sent_at: datetime
-
-    @property
-    def access_expires_at(self) -> datetime:
-        # From the moment the request was sent, not received: the server started the
-        # token's clock no earlier than that, so this can only err on the early side.
-        return self.sent_at + timedelta(seconds=self.expires_in)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,7 +201,7 @@ def _response_now(headers: Mapping[str, str], fallback: datetime) -> datetime:
 
 def _kind_for_code(code: str, grant: GrantKind) -> ErrorKind | None:
     if grant in _USER_GRANTS:
-        if code in _PERMANENT_ON_USER_GRANT:
+        if code in PERMANENT_ERRORS:
             return ErrorKind.PERMANENT
         if code in _CLIENT_ON_USER_GRANT:
             return ErrorKind.CLIENT

@@ -27,11 +27,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from . import circuit, consent, leases, logs, owners, policy, spool, state
-from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
-from .model import Grant, GrantType, Outcome, Status
+from .model import Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
 from .ratelimit import RateLimiter
 from .store import Store

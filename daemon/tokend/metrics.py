@@ -18,8 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
 from .listener import BoundedHTTPServer
-from .model import GrantType, Status
-from .store import Stats
+from .model import GrantType, Stats, Status
 
 KINDS = ("transient", "permanent", "client")
 EVENTS = ("reconsent_due", "reconsent_required", "reconsent_reminder", "recovered")

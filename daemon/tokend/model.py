@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -28,6 +28,12 @@ class Reason(StrEnum):
 
 
 ACTIVE = (Status.OK, Status.RECONSENT_DUE)
+
+# OAuth error codes (RFC 6749 5.2) that, answered to a refresh or a code exchange, mean the
+# user's grant is dead: declared once, for the classifier and for the reason the policy keeps.
+PERMANENT_ERRORS = frozenset(
+    {"invalid_request", "invalid_grant", "unauthorized_client", "invalid_scope"}
+)
 
 
 @dataclass(frozen=True)
@@ -137,3 +143,30 @@ class Outcome:
     @property
     def success(self) -> bool:
         return self.access_token is not None
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """A validated token endpoint answer."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_in: float
+    token_type: str
+    sent_at: datetime
+
+    @property
+    def access_expires_at(self) -> datetime:
+        # From the moment the request was sent, not received: the server started the
+        # token's clock no earlier than that, so this can only err on the early side.
+        return self.sent_at + timedelta(seconds=self.expires_in)
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Aggregates of the table for the gauges (computed by SQL, never by loading rows)."""
+
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (client, status) -> n
+    access_earliest: dict[str, datetime] = field(default_factory=dict)
+    refresh_earliest: dict[str, datetime] = field(default_factory=dict)
+    due: dict[str, int] = field(default_factory=dict)

@@ -10,14 +10,21 @@ from __future__ import annotations
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from .classify import TokenResponse
 from .config import ScheduleConfig
 from .durations import Duration
 from .errors import ErrorKind, ProviderError
-from .model import ACTIVE, Grant, GrantType, Outcome, Reason, Status
+from .model import (
+    ACTIVE,
+    PERMANENT_ERRORS,
+    Grant,
+    GrantType,
+    Outcome,
+    Reason,
+    Status,
+    TokenResponse,
+)
 
 JITTER = 0.10  # each grant refreshes a fixed 0-10 % earlier, so bulk imports spread out
-PERMANENT_REASONS = ("invalid_request", "invalid_grant", "unauthorized_client", "invalid_scope")
 
 
 def jitter_fraction(grant_id: int) -> float:
@@ -230,7 +237,7 @@ def after_failure(grant: Grant, err: ProviderError, now: datetime, s: ScheduleCo
         elif grant.refresh_expires_at is not None and now >= grant.refresh_expires_at:
             reason = Reason.REFRESH_TOKEN_EXPIRED.value
         else:
-            reason = err.error if err.error in PERMANENT_REASONS else "invalid_grant"
+            reason = err.error if err.error in PERMANENT_ERRORS else "invalid_grant"
         return Outcome(status=Status.RECONSENT_REQUIRED, reason=reason, next_attempt_at=None,
                        failure_count=failures, last_error=_bounded(err.summary()),
                        in_doubt=False)

@@ -37,7 +37,6 @@ from urllib3.util.retry import Retry
 from . import __version__, pkce
 from .classify import (
     GrantKind,
-    TokenResponse,
     classify_exception,
     is_token,
     parse_token_response,
@@ -45,6 +44,7 @@ from .classify import (
 )
 from .config import ClientConfig, ProviderConfig
 from .errors import ProviderError
+from .model import TokenResponse
 
 USER_AGENT: Final = f"tokend/{__version__}"
 _TRANSPORT_ERRORS: Final = (

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from .model import Grant
-from .store import Stats
+from .model import Grant, Stats
 
 DEADLINES = 10
 STOPPED_KEPT = timedelta(days=1)  # stopped replicas are listed this long after stopping

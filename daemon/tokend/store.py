@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -54,7 +54,16 @@ from . import logs
 from .config import Config
 from .crypto import Cipher, cipher_for
 from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreConflict, StoreError
-from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status, UnreadableGrant
+from .model import (
+    ACTIVE,
+    Grant,
+    GrantType,
+    NewGrant,
+    Outcome,
+    Stats,
+    Status,
+    UnreadableGrant,
+)
 from .schema import EventRow, GrantRow, ReplicaRow, UTCDateTime
 
 G = cast(Table, GrantRow.__table__)
@@ -182,16 +191,6 @@ def _alembic_config() -> AlembicConfig:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", "tokend:migrations")
     return cfg
-
-
-@dataclass(frozen=True)
-class Stats:
-    """Aggregates of the table for the gauges (computed by SQL, never by loading rows)."""
-
-    counts: dict[tuple[str, str], int] = field(default_factory=dict)  # (client, status) -> n
-    access_earliest: dict[str, datetime] = field(default_factory=dict)
-    refresh_earliest: dict[str, datetime] = field(default_factory=dict)
-    due: dict[str, int] = field(default_factory=dict)
 
 
 class Store:
