@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tokend import policy
+from tokend import events, policy
 from tokend.config import ScheduleConfig
 from tokend.durations import Duration
 from tokend.errors import ErrorKind, ProviderError
@@ -154,7 +154,7 @@ def test_success_with_rotation_slides_refresh_expiry_from_send_time() -> None:
     assert out.obtained_at == sent
     # pushed out of the window: back to ok; failures and doubt cleared
     assert (out.status, out.reason, out.failure_count, out.in_doubt) == (Status.OK, None, 0, False)
-    assert policy.event_for(g.status, out.status) == "recovered"
+    assert events.event_for(g.status, out.status) == "recovered"
 
 
 @pytest.mark.parametrize("returned", [None, "old"])
@@ -240,7 +240,7 @@ def test_retry_after_is_honoured_in_the_next_attempt() -> None:
     (Status.OK, Status.DISABLED, None),
 ])
 def test_events(old: Status, new: Status, event: str | None) -> None:
-    assert policy.event_for(old, new) == event
+    assert events.event_for(old, new) == event
 
 
 def test_initial_and_enable() -> None:

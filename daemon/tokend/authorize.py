@@ -18,11 +18,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
-from . import logs, pkce, policy
+from . import events, logs, pkce, policy
 from .config import Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
 from .listener import BoundedHTTPServer
-from .maintenance import event_payload
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
 from .store import Store, open_store
@@ -176,11 +175,7 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
             now = store.clock()
 
             def event(grant: Grant, previous: Status | None) -> dict[str, Any] | None:
-                name = policy.event_for(previous, grant.status) if previous else None
-                if name is None:
-                    return None
-                return event_payload(name, grant, grant.status, grant.reason,
-                                     grant.refresh_expires_at, now)
+                return events.on_consent(grant, previous, now)
 
             gid, previous = store.consent(
                 new, lambda g: policy.initial(g, now, config.schedule), event)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from . import events
 from .config import Config
 from .errors import ConfigError, TokendError
 from .model import Grant, GrantType, Status
@@ -117,7 +118,7 @@ def url(config: Config, token: str) -> str:
 
 def event_fields(config: Config, grant: Grant, event: str, now: datetime) -> dict[str, Any]:
     """``consent_url`` for the events that ask a person to act, when links can be made."""
-    if event not in ("reconsent_due", "reconsent_required", "reconsent_reminder") \
+    if event not in ("reconsent_due", "reconsent_required", events.REMINDER) \
             or not config.consent.enabled or grant.grant_type != GrantType.AUTHORIZATION_CODE:
         return {}
     return {"consent_url": link_for(config, grant, now)}

@@ -23,12 +23,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from . import consent, consent_pages, logs, pkce, policy
+from . import consent, consent_pages, events, logs, pkce, policy
 from .config import ClientConfig, Config
 from .consent_pages import Page
 from .consent_store import ConsentStore, Pending, WrongUser
 from .errors import GrantNotFound, ProviderError, StoreError
-from .maintenance import event_payload
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
 from .store import Store
@@ -166,11 +165,7 @@ class ConsentFlow:
         now = self.store.clock()
 
         def event(stored: Grant, previous: Status) -> dict[str, Any] | None:
-            name = policy.event_for(previous, stored.status)
-            if name is None:
-                return None
-            return event_payload(name, stored, stored.status, stored.reason,
-                                 stored.refresh_expires_at, now)
+            return events.on_consent(stored, previous, now)
 
         try:
             previous = self.states.store_consent(

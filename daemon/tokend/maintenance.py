@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, consent, leases, logs, owners, policy, spool, state
+from . import circuit, consent, events, leases, logs, owners, policy, spool, state
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
@@ -477,9 +477,9 @@ class Maintenance:
 
     def _event(self, grant: Grant, outcome: Outcome,
                reminder: bool = False) -> dict[str, Any] | None:
-        name = policy.event_for(grant.status, outcome.status)
+        name = events.event_for(grant.status, outcome.status)
         if name is None and reminder:
-            name = "reconsent_reminder"
+            name = events.REMINDER
             log.info("reconsent_reminder", grant_id=grant.id, client=grant.client,
                      refresh_expires_at=_iso(grant.refresh_expires_at))
         elif name is None:
@@ -489,7 +489,7 @@ class Maintenance:
                         old=grant.status.value, new=outcome.status.value,
                         reason=outcome.reason)
         now = self.store.clock()
-        payload = event_payload(name, grant, outcome.status, outcome.reason,
+        payload = events.payload(name, grant, outcome.status, outcome.reason,
                                 outcome.refresh_expires_at or grant.refresh_expires_at, now)
         return payload | consent.event_fields(self.config, grant, name, now)
 
@@ -502,16 +502,6 @@ def _count(result: PassResult, outcome: str) -> None:
     else:
         result.failed += 1
         result.failures[outcome] += 1
-
-
-def event_payload(name: str, grant: Grant, status: Status, reason: str | None,
-                  refresh_expires_at: datetime | None, now: datetime) -> dict[str, Any]:
-    return {
-        "event": name, "grant_id": grant.id, "client": grant.client,
-        "user_id": grant.user_id, "tenant_id": grant.tenant_id, "status": status.value,
-        "reason": reason, "refresh_expires_at": _iso(refresh_expires_at),
-        "timestamp": _iso(now),
-    }
 
 
 def _error_text(exc: BaseException) -> str:

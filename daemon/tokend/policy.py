@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from .config import ScheduleConfig
 from .durations import Duration
 from .errors import ErrorKind, ProviderError
+from .events import event_for
 from .model import (
     ACTIVE,
     PERMANENT_ERRORS,
@@ -257,17 +258,6 @@ LAST_ERROR_MAX = 500  # the column's width
 
 def _bounded(text: str) -> str:
     return text if len(text) <= LAST_ERROR_MAX else text[:LAST_ERROR_MAX - 1] + "…"
-
-
-def event_for(old: Status, new: Status) -> str | None:
-    """The notification a status change sends, if any."""
-    if old == new:
-        return None
-    if new in (Status.RECONSENT_DUE, Status.RECONSENT_REQUIRED):
-        return new.value
-    if new == Status.OK and old in (Status.RECONSENT_DUE, Status.RECONSENT_REQUIRED):
-        return "recovered"
-    return None
 
 
 def initial(grant: Grant, now: datetime, s: ScheduleConfig) -> tuple[Status, str | None,

@@ -70,6 +70,13 @@ G = cast(Table, GrantRow.__table__)
 E = cast(Table, EventRow.__table__)
 R = cast(Table, ReplicaRow.__table__)
 Clock = Callable[[], datetime]
+# The policy's verdict on a row about to be written (``policy.initial``): status, reason
+# and next attempt. The store takes it as a function rather than as values because the
+# next attempt carries the grant's jitter (``policy.jitter_fraction(id)``) and the id is
+# known only inside the inserting transaction (allocated there, or the replaced user's
+# row found there). Likewise ``consent(event=...)`` gets the stored row and the status it
+# replaced, both read in that transaction, and returns the payload (``events.on_consent``)
+# the outbox queues in the same commit.
 Decide = Callable[[Grant], tuple[Status, str | None, datetime | None]]
 
 # Timestamps are selected undecoded and decoded row by row in ``Store._grant``: SQLite
