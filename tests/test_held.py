@@ -27,7 +27,7 @@ from tokend.crypto import Cipher, generate_key
 from tokend.errors import StoreError
 from tokend.fake_provider import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
-from tokend.sdnotify import Notifier
+from tokend.sdnotify import SystemdNotifier
 from tokend.store import Store, make_engine
 
 STATEMENT = "UPDATE grants SET refresh_token=%(p_refresh_token)s WHERE grants.id = %(g_id)s"
@@ -352,10 +352,10 @@ def test_stop_asks_systemd_for_time_while_outcomes_are_held(tmp_path: Path) -> N
     sock.settimeout(3)
     try:
         held = [1]
-        with daemon_module._extend_stop_while_held(Notifier(address=path), lambda: held[0]):
+        with daemon_module._extend_stop_while_held(SystemdNotifier(address=path), lambda: held[0]):
             message = sock.recv(1024).decode()
         assert message == "EXTEND_TIMEOUT_USEC=15000000"
-        with daemon_module._extend_stop_while_held(Notifier(address=path), lambda: 0):
+        with daemon_module._extend_stop_while_held(SystemdNotifier(address=path), lambda: 0):
             time.sleep(0.2)
         sock.settimeout(0.3)
         with pytest.raises(TimeoutError):

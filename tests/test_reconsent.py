@@ -304,7 +304,7 @@ def test_reconsent_due_webhook_then_authorize_recovers(
         engine.close()
         provider.close()
     assert store.get(g.id).status == Status.RECONSENT_DUE
-    notifier = notify.Notifier(config, store, metrics)
+    notifier = notify.WebhookNotifier(config, store, metrics)
     assert notifier.deliver_due() == 1
     [event] = receiver.events
     assert (event["event"], event["grant_id"], event["reason"], event["user_id"]) == (
@@ -327,7 +327,7 @@ def test_events_survive_a_receiver_outage_exactly_once(
     metrics = Metrics()
     for i in range(5):
         store.add_event({"event": "reconsent_required", "grant_id": i}, None)
-    notifier = notify.Notifier(config, store, metrics)
+    notifier = notify.WebhookNotifier(config, store, metrics)
     receiver.down = True
     assert notifier.deliver_due() == 0
     assert receiver.failed == 5

@@ -93,7 +93,7 @@ def test_reminders_once_per_grant_and_deadline(config: Config,
     g = store.get(gid)
     assert (g.reminder_deadline, g.reminder_point) == (deadline, deadline - DAY)
 
-    notifier = notify.Notifier(config, store, metrics)
+    notifier = notify.WebhookNotifier(config, store, metrics)
     assert notifier.deliver_due() == 3
     assert [e["event"] for e in receiver.events] == [e["event"] for e in events]
     assert metrics.registry.get_sample_value(

@@ -12,7 +12,7 @@ import pytest
 
 # isort: split
 # (tokend counts as first- or third-party depending on ruff's `src`; either way this sorts)
-from tokend.sdnotify import Notifier
+from tokend.sdnotify import SystemdNotifier
 
 
 @pytest.fixture
@@ -48,7 +48,7 @@ def recv(sock: socket.socket) -> str:
 
 def test_messages_reach_a_path_socket(listener: tuple[socket.socket, str]) -> None:
     sock, path = listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path})
     assert n.enabled
     assert n.ready()
     assert recv(sock) == "READY=1"
@@ -64,14 +64,14 @@ def test_messages_reach_an_abstract_socket(
     abstract_listener: tuple[socket.socket, str],
 ) -> None:
     sock, name = abstract_listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": name})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": name})
     assert n.ready()
     assert recv(sock) == "READY=1"
 
 
 def test_status_cannot_inject_other_assignments(listener: tuple[socket.socket, str]) -> None:
     sock, path = listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": path})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path})
     assert n.status("provider said:\nREADY=1\r\nWATCHDOG=trigger")
     msg = recv(sock)
     assert "\n" not in msg
@@ -79,7 +79,7 @@ def test_status_cannot_inject_other_assignments(listener: tuple[socket.socket, s
 
 
 def test_noop_without_notify_socket() -> None:
-    n = Notifier.from_env({"WATCHDOG_USEC": "60000000"})
+    n = SystemdNotifier.from_env({"WATCHDOG_USEC": "60000000"})
     assert not n.enabled
     assert n.watchdog_interval is None
     assert n.ready() is False
@@ -89,7 +89,7 @@ def test_noop_without_notify_socket() -> None:
 
 def test_from_env_defaults_to_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert not Notifier.from_env().enabled
+    assert not SystemdNotifier.from_env().enabled
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_from_env_defaults_to_process_environment(monkeypatch: pytest.MonkeyPatc
     ],
 )
 def test_broken_socket_returns_false_without_raising(address: str) -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": address})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": address})
     assert n.enabled
     assert n.ready() is False
     assert n.watchdog() is False
@@ -110,18 +110,18 @@ def test_broken_socket_returns_false_without_raising(address: str) -> None:
 def test_socket_that_is_not_a_socket_returns_false(tmp_path: Path) -> None:
     regular = tmp_path / "file"
     regular.write_text("")
-    assert Notifier.from_env({"NOTIFY_SOCKET": str(regular)}).ready() is False
+    assert SystemdNotifier.from_env({"NOTIFY_SOCKET": str(regular)}).ready() is False
 
 
 def test_unknown_address_scheme_is_treated_as_absent() -> None:
-    n = Notifier.from_env({"NOTIFY_SOCKET": "vsock:2:1234"})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not n.enabled
     assert n.ready() is False
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec(listener: tuple[socket.socket, str]) -> None:
     _, path = listener
-    n = Notifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000000"})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000000"})
     assert n.watchdog_interval == 30.0
 
 
@@ -130,7 +130,7 @@ def test_watchdog_pid_of_this_process_enables_watchdog(
 ) -> None:
     _, path = listener
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
-    assert Notifier.from_env(env).watchdog_interval == 1.0
+    assert SystemdNotifier.from_env(env).watchdog_interval == 1.0
 
 
 @pytest.mark.parametrize(
@@ -148,6 +148,6 @@ def test_no_watchdog(listener: tuple[socket.socket, str], extra: dict[str, str])
     _, path = listener
     if extra.get("WATCHDOG_PID") == "1" and os.getpid() == 1:
         pytest.skip("test process is PID 1")
-    n = Notifier.from_env({"NOTIFY_SOCKET": path, **extra})
+    n = SystemdNotifier.from_env({"NOTIFY_SOCKET": path, **extra})
     assert n.enabled
     assert n.watchdog_interval is None

@@ -23,7 +23,7 @@ from tokend.config import Config
 from tokend.daemon import Daemon
 from tokend.errors import GrantUnreadable
 from tokend.fake_provider import FakeJustimmo
-from tokend.model import NewGrant, Status, UnreadableGrant
+from tokend.model import GrantType, NewGrant, Status, UnreadableGrant
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
@@ -218,3 +218,15 @@ def test_the_runbook_repairs_a_bad_status(world: Any, capsys: pytest.CaptureFixt
     store.recheck_unreadable()
     assert ids[2] not in store.unreadable
     assert store.get(ids[2]).status == Status.OK
+
+
+def test_an_unknown_grant_type_is_an_unreadable_row(world: Any) -> None:
+    # Grant.grant_type is a GrantType: a row no tokend wrote is named, not maintained as
+    # whatever a string comparison would make of it.
+    _config, store, ids, broken = world
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE grants SET grant_type = 'password' WHERE id = {ids[0]}"))
+    with pytest.raises(GrantUnreadable, match="grant_type 'password' is not a grant type"):
+        store.get(ids[0])
+    assert [g.id for g in store.iter_grants()] == sorted(set(ids) - set(broken) - {ids[0]})
+    assert store.get(ids[1]).grant_type is GrantType.AUTHORIZATION_CODE

@@ -25,9 +25,9 @@ from .consent_server import ConsentServer
 from .errors import SchemaError, StoreError, TokendError
 from .maintenance import Maintenance, PassResult
 from .metrics import Metrics, MetricsServer
-from .notify import Notifier
+from .notify import WebhookNotifier
 from .provider import ProviderClient
-from .sdnotify import Notifier as SystemdNotifier
+from .sdnotify import SystemdNotifier
 from .store import Store, open_store
 
 log = logs.get("tokend.daemon")
@@ -47,7 +47,7 @@ class Daemon:
         self.provider = provider or ProviderClient(
             config.provider, pool_size=config.schedule.concurrency)
         self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics)
-        self.notifier = Notifier(config, store, self.metrics, self.maintenance.stop_event)
+        self.notifier = WebhookNotifier(config, store, self.metrics, self.maintenance.stop_event)
         self.stop_event = threading.Event()
         self.last_success: datetime | None = None
         self.last_result: PassResult | None = None

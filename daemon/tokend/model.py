@@ -42,7 +42,7 @@ class Grant:
 
     id: int
     client: str
-    grant_type: str
+    grant_type: GrantType
     user_id: str | None
     tenant_id: str | None
     status: Status

@@ -52,7 +52,7 @@ def retry_delay(attempts: int) -> timedelta:
     return min(delay, MAX_BACKOFF)
 
 
-class Notifier:
+class WebhookNotifier:
     def __init__(self, config: Config, store: Store, metrics: Metrics,
                  stop: threading.Event | None = None, *, timeout: float = 10.0) -> None:
         self.url = config.notify.webhook_url

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Notifier"]
+__all__ = ["SystemdNotifier"]
 
 
 def _socket_address(raw: str) -> str | bytes | None:
@@ -53,7 +53,7 @@ def _watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 @dataclass(frozen=True)
-class Notifier:
+class SystemdNotifier:
     """Sends state changes to the service manager; a no-op outside systemd."""
 
     address: str | bytes | None = None
@@ -61,7 +61,7 @@ class Notifier:
     """Seconds between watchdog pings (half of ``WATCHDOG_USEC``), or None."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] = os.environ) -> Notifier:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> SystemdNotifier:
         """Build from ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``."""
         address = _socket_address(env.get("NOTIFY_SOCKET", ""))
         interval = _watchdog_interval(env, os.getpid()) if address is not None else None

@@ -30,7 +30,7 @@ from typing import Any
 from . import logs
 from .crypto import Cipher
 from .errors import DecryptError, StoreError, TokendError
-from .model import Grant, Outcome, Status
+from .model import Grant, GrantType, Outcome, Status
 
 log = logs.get("tokend.spool")
 
@@ -53,7 +53,7 @@ class Entry:
     token_version: int
     owner: str
     client: str
-    grant_type: str
+    grant_type: GrantType
     user_id: str | None
     tenant_id: str | None
     outcome: Outcome
@@ -154,7 +154,7 @@ def loads(text: str, cipher: Cipher, name: str = "") -> Entry:
             raise ValueError("a text field is not text")
         token_version = int(data["token_version"])
         owner, client = str(data["owner"]), str(data["client"])
-        grant_type = str(data["grant_type"])
+        grant_type = GrantType(data["grant_type"])
         status = Status(o["status"])
         next_attempt_at = _time(o["next_attempt_at"])
         access_expires_at = _time(o["access_expires_at"])

@@ -303,12 +303,13 @@ class Store:
         ts = {name: _decode(gid, name, m[name], _timestamp, "a timestamp")
               for name in _TIMESTAMPS}
         status = _decode(gid, "status", m["status"], Status, "a status")
+        grant_type = _decode(gid, "grant_type", m["grant_type"], GrantType, "a grant type")
         counts = {name: _decode(gid, name, m[name], _integer, "a whole number")
                   for name in ("failure_count", "token_version")}
         if ts["created_at"] is None or ts["updated_at"] is None:
             raise GrantUnreadable(gid, "created_at or updated_at is empty")
         return Grant(
-            id=gid, client=m["client"], grant_type=m["grant_type"], user_id=m["user_id"],
+            id=gid, client=m["client"], grant_type=grant_type, user_id=m["user_id"],
             tenant_id=m["tenant_id"], status=status, reason=m["reason"],
             access_expires_at=ts["access_expires_at"],
             refresh_expires_at=ts["refresh_expires_at"],
@@ -402,7 +403,7 @@ class Store:
 
     def _new_row(self, gid: int, new: NewGrant, now: datetime, decide: Decide) -> dict[str, Any]:
         grant = Grant(
-            id=gid, client=new.client, grant_type=new.grant_type, user_id=new.user_id,
+            id=gid, client=new.client, grant_type=GrantType(new.grant_type), user_id=new.user_id,
             tenant_id=new.tenant_id, status=Status.OK, reason=None,
             access_expires_at=new.access_expires_at, refresh_expires_at=new.refresh_expires_at,
             obtained_at=new.obtained_at, consented_at=new.consented_at or new.obtained_at,
