@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
@@ -143,8 +143,9 @@ class TokenApi:
             raise _BadRequest("give grant_id, or client (and user_id)")
         if not _covers(allowed, grant.client):
             return _forbidden(grant.client)
+        now = self.ondemand.maintenance.clock()
         if grant.status in ACTIVE and (grant.access_expires_at is None
-                                       or grant.access_expires_at <= datetime.now(UTC)):
+                                       or grant.access_expires_at <= now):
             grant = self.ondemand.refresh(grant.id)  # none valid yet: as a 401 would ask
         return self._reply(grant)
 

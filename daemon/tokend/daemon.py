@@ -28,7 +28,7 @@ from .metrics import Metrics, MetricsServer
 from .notify import WebhookNotifier
 from .provider import ProviderClient
 from .sdnotify import SystemdNotifier
-from .store import Store, open_store
+from .store import Clock, Store, open_store
 
 log = logs.get("tokend.daemon")
 STOP_TIMEOUT = 45.0  # below systemd's TimeoutStopSec=60
@@ -37,18 +37,23 @@ HELD_EXTEND = 60.0  # EXTEND_TIMEOUT_USEC is asked for at most this long after a
 
 class Daemon:
     def __init__(self, config: Config, store: Store, *, metrics: Metrics | None = None,
-                 provider: ProviderClient | None = None) -> None:
+                 provider: ProviderClient | None = None, stop: threading.Event | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.store = store
+        # One stop event for every part (scheduler jobs, the pass, the notifier), made by
+        # run_daemon/run_once whose signal handler sets it; and one clock.
+        self.stop_event = stop if stop is not None else threading.Event()
+        self.clock: Clock = clock or store.clock
         self.metrics = metrics or Metrics()
         self.metrics.init_clients(((c.name, c.client_credentials)
                                    for c in config.clients.values()),
                                   config.schedule.interval.total_seconds())
         self.provider = provider or ProviderClient(
             config.provider, pool_size=config.schedule.concurrency)
-        self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics)
-        self.notifier = WebhookNotifier(config, store, self.metrics, self.maintenance.stop_event)
-        self.stop_event = threading.Event()
+        self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics,
+                                       stop=self.stop_event, clock=self.clock)
+        self.notifier = WebhookNotifier(config, store, self.metrics, self.stop_event)
         self.last_success: datetime | None = None
         self.last_result: PassResult | None = None
         self.consecutive_errors = 0
@@ -56,7 +61,7 @@ class Daemon:
         self.server: MetricsServer | None = None
         self.consent_server: ConsentServer | None = None
         self.api_server: ApiServer | None = None
-        self.started_at = datetime.now(UTC)
+        self.started_at = self.clock()
 
     # ------------------------------------------------------------------ passes
 
@@ -64,21 +69,21 @@ class Daemon:
         """One pass with its own error boundary: the database may be down; we go on."""
         if self.stop_event.is_set():
             return None
-        started = datetime.now(UTC)
+        started = self.clock()
         try:
             result = self.maintenance.run_pass()
         except TokendError as exc:
             self.consecutive_errors += 1
-            self.metrics.pass_done((datetime.now(UTC) - started).total_seconds(), None)
+            self.metrics.pass_done((self.clock() - started).total_seconds(), None)
             log.error("pass_failed", error=str(exc), consecutive=self.consecutive_errors)
             heartbeat.write(self.store, heartbeat.row(
-                self.maintenance, self.started_at, datetime.now(UTC), None, error=str(exc)))
+                self.maintenance, self.started_at, self.clock(), None, error=str(exc)))
             return None
         except Exception as exc:  # a bug must not end the daemon either
             self.consecutive_errors += 1
             log.exception("pass_crashed", error=type(exc).__name__)
             return None
-        finished = datetime.now(UTC)
+        finished = self.clock()
         self.consecutive_errors = 0
         self.last_success = finished
         self.last_result = result
@@ -116,7 +121,7 @@ class Daemon:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         window = self.config.schedule.interval * 3 + timedelta(seconds=30)
         recent = self.last_success is not None and \
-            datetime.now(UTC) - self.last_success < window
+            self.clock() - self.last_success < window
         try:
             self.store.revision()
             db = True
@@ -196,16 +201,21 @@ class Daemon:
         threading.Thread(target=shutdown, daemon=True).start()
         if not done.wait(STOP_TIMEOUT):
             log.error("stop_timeout", detail="in-flight work did not finish in time")
+        self.close()
+        self.update_gauges()
+        heartbeat.write(self.store, heartbeat.row(
+            self.maintenance, self.started_at, None, None, stopped_at=self.clock()))
+
+    def close(self) -> None:
+        """Release what this daemon holds (listeners, refresh workers, owner lock, HTTP
+        pool); the end of both ``stop()`` and ``run --once``."""
+        self.stop_event.set()
         if self.consent_server is not None:
             self.consent_server.stop()
         self.maintenance.close()
         self.provider.close()
         if self.server is not None:
             self.server.stop()
-        self.update_gauges()
-        now = datetime.now(UTC)
-        heartbeat.write(self.store, heartbeat.row(
-            self.maintenance, self.started_at, None, None, stopped_at=now))
 
 
 def run_daemon(config: Config) -> int:
@@ -224,7 +234,7 @@ def run_daemon(config: Config) -> int:
     store = _open_with_retry(config, stop, sd)
     if store is None:
         return 0
-    daemon = Daemon(config, store)
+    daemon = Daemon(config, store, stop=stop, clock=store.clock)
     daemon.start()
     sd.ready()
     log.info("started", clients=sorted(config.clients), interval=str(config.schedule.interval),
@@ -305,29 +315,23 @@ def run_once(config: Config) -> int:
     logs.configure(config.logging)
     state.prepare(config)
     stop = threading.Event()
-    running: list[Maintenance] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         log.info("signal_received", signal=signal.Signals(signum).name)
         stop.set()
-        for maintenance in running:
-            maintenance.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     store = open_store(config, pool_size=config.schedule.concurrency + 2)
-    daemon = Daemon(config, store)
-    running.append(daemon.maintenance)
-    if stop.is_set():  # a signal while opening the store: nothing claimed yet
-        daemon.maintenance.stop()
+    # A signal while opening the store has set ``stop`` already: nothing is claimed.
+    daemon = Daemon(config, store, stop=stop, clock=store.clock)
     held = daemon.maintenance.held
     try:
         result = daemon.maintenance.run_pass()
         held.replay()  # one more try for what the workers handed over
         daemon.notifier.deliver_due()
     finally:
-        daemon.maintenance.close()
-        daemon.provider.close()
+        daemon.close()
         lost = held.settle(HELD_EXTEND - 5)
         store.close()
     log.info("pass_done", claimed=result.claimed, refreshed=result.refreshed,

@@ -33,7 +33,7 @@ from .metrics import Metrics
 from .model import Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
 from .ratelimit import RateLimiter
-from .store import Store
+from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
 SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
@@ -68,7 +68,8 @@ class Maintenance:
     def __init__(self, config: Config, store: Store, provider: ProviderClient, *,
                  metrics: Metrics | None = None, owner: str | None = None,
                  rand: Callable[[], float] = random.random,
-                 save_retry: float = 1.0) -> None:
+                 save_retry: float = 1.0, stop: threading.Event | None = None,
+                 clock: Clock | None = None) -> None:
         self.config = config
         self.store = store
         self.provider = provider
@@ -80,7 +81,9 @@ class Maintenance:
         self.owner_lock = owners.OwnerLock(self.owners_dir, self.owner)
         self.rand = rand
         self.save_retry = save_retry
-        self.stop_event = threading.Event()
+        # Shared with the daemon (and its notifier): one signal stops every part.
+        self.stop_event = stop if stop is not None else threading.Event()
+        self.clock: Clock = clock or store.clock
         self.limiter = RateLimiter(config.provider.rate_limit)
         self.lease = lease_for(config)
         self.pool = ThreadPoolExecutor(config.schedule.concurrency,
@@ -190,7 +193,7 @@ class Maintenance:
         for one (all of them at start-up, an open one once per backoff step)."""
         for name in sorted(self._unreleased):
             self._release_held(name, was_blocked=False)
-        now = self.store.clock()
+        now = self.clock()
         with self._circuit_lock:
             due = [name for name, c in self.circuits.items() if circuit.probe_due(c, now)]
         probes: list[Future[str]] = []
@@ -239,7 +242,7 @@ class Maintenance:
         ``priority``: an application waits for it (:mod:`tokend.ondemand`).
         """
         s = self.config.schedule
-        now = self.store.clock()
+        now = self.clock()
         client = self.config.clients.get(grant.client)
         if client is None:
             err = ProviderError(ErrorKind.CLIENT, "unknown_client",
@@ -302,12 +305,12 @@ class Maintenance:
                 resp = self.provider.refresh(client, refresh)
         except ProviderError as err:
             self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
-            return self._failed(grant, err, self.store.clock(), client)
+            return self._failed(grant, err, self.clock(), client)
         self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
         return self._succeeded(grant, resp, refresh)
 
     def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
-        now = self.store.clock()
+        now = self.clock()
         outcome = policy.after_success(grant, resp, now, self.config.schedule,
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
@@ -359,7 +362,7 @@ class Maintenance:
         name = grant.client
         with self._circuit_lock:
             old = self.circuits.get(name, circuit.Circuit())
-            new = circuit.after(old, circuit.verdict(err), self.store.clock(),
+            new = circuit.after(old, circuit.verdict(err), self.clock(),
                                 self.config.schedule, probe=grant.id in self._probes,
                                 rand=self.rand())
             self.circuits[name] = new
@@ -402,7 +405,7 @@ class Maintenance:
         it is retried until saved, even during shutdown. Other outcomes give up when
         the daemon stops (the lease then expires and the grant is simply retried).
         """
-        outcome, reminder = policy.remind(grant, outcome, self.store.clock(),
+        outcome, reminder = policy.remind(grant, outcome, self.clock(),
                                           self.config.schedule)
         event = self._event(grant, outcome, reminder)
         if must:
@@ -436,7 +439,7 @@ class Maintenance:
             return self._saved(grant, self.store.save(grant, outcome, self.owner, event))
         except Exception as exc:  # any error: the token must not reach the error boundary
             error = exc
-        entry = spool.Entry.of(grant, outcome, self.owner, event, self.store.clock())
+        entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
         spooled = self.held.hold(entry)
         delay = self.save_retry
         for _ in range(SAVE_TRIES):
@@ -488,7 +491,7 @@ class Maintenance:
             log.warning("status_changed", grant_id=grant.id, client=grant.client,
                         old=grant.status.value, new=outcome.status.value,
                         reason=outcome.reason)
-        now = self.store.clock()
+        now = self.clock()
         payload = events.payload(name, grant, outcome.status, outcome.reason,
                                 outcome.refresh_expires_at or grant.refresh_expires_at, now)
         return payload | consent.event_fields(self.config, grant, name, now)

@@ -73,7 +73,7 @@ class OnDemand:
         waited = False
         while True:
             grant = store.get(grant_id)
-            step = plan(grant, asked, store.clock())
+            step = plan(grant, asked, m.clock())
             if step is not Step.REFRESH:
                 return grant
             self._check_admitted(grant)
@@ -105,13 +105,13 @@ class OnDemand:
             c = m.circuits.get(grant.client, circuit.Circuit())
         if c.blocked:
             at = c.next_probe_at
-            wait = (at - m.store.clock()).total_seconds() if at is not None else 60.0
+            wait = (at - m.clock()).total_seconds() if at is not None else 60.0
             raise Unavailable(f"client {grant.client!r} is blocked: the provider refuses its "
                               "credentials", retry_after=max(wait, 1.0))
 
     def _refresh(self, claim: Grant, asked: int, claimed_at: float) -> Grant:
         m = self.maintenance
-        if plan(claim, asked, m.store.clock()) is not Step.REFRESH:
+        if plan(claim, asked, m.clock()) is not Step.REFRESH:
             m._release(claim)  # refreshed between our look and our claim
             return m.store.get(claim.id)
         outcome = m._guarded(claim, claimed_at, priority=True)
@@ -122,7 +122,7 @@ class OnDemand:
         if grant.token_version != asked:
             return grant
         raise Unavailable(f"grant {claim.id} could not be refreshed now ({outcome})",
-                          retry_after=_retry_after(grant, m.store.clock()))
+                          retry_after=_retry_after(grant, m.clock()))
 
 
 def _retry_after(grant: Grant, now: datetime) -> float:
