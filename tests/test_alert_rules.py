@@ -18,7 +18,7 @@ RULE_TESTS = ROOT / "config" / "prometheus" / "tokend-alerts.test.yml"
 DASHBOARD = ROOT / "config" / "grafana" / "tokend-dashboard.json"
 DOCS = ROOT / "docs" / "alerts.md"
 
-# DESIGN.md's metric table, plus the configured pass interval that
+# docs/contract.md's metric table, plus the configured pass interval that
 # TokendNoSuccessfulPass scales with.
 METRICS = {
     "tokend_refresh_attempts_total",
@@ -33,7 +33,7 @@ METRICS = {
     "tokend_notifications_total",
     "tokend_build_info",
     "tokend_schedule_interval_seconds",
-    "tokend_client_blocked",  # DESIGN.md's names for the next capabilities
+    "tokend_client_blocked",
     "tokend_grants_unreadable",
     "tokend_held_outcomes",
 }

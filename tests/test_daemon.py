@@ -23,7 +23,7 @@ from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
 
-DESIGN_METRICS = [
+CONTRACT_METRICS = [
     "tokend_refresh_attempts_total", "tokend_refresh_failures_total",
     "tokend_refresh_duration_seconds", "tokend_grants",
     "tokend_access_token_expiry_earliest_timestamp_seconds",
@@ -119,7 +119,7 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
                     break
                 time.sleep(0.2)
             assert 'tokend_grants{client="main",status="ok"} 31.0' in body
-            for name in DESIGN_METRICS:
+            for name in CONTRACT_METRICS:
                 assert f"\n{name}" in body, name
             stats = fake.stats()
             assert stats["reuse_count"] == 0

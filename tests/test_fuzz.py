@@ -5,7 +5,7 @@ config files and import files through the real CLI, with real PostgreSQL.
   bodies, statuses and headers (wrong types, missing fields, huge or negative
   ``expires_in``, non-JSON, oversized, broken HTTP). A real pass runs and the grant is
   read back: never a crash, never a bad token stored, the tokens unchanged on every
-  failure, and the outcome classified as DESIGN.md says.
+  failure, and the outcome classified as docs/contract.md says.
 * ``tokend check-config``: exit 0 with the effective settings, or exit 78 with one line
   on stderr; never a traceback, never a secret printed.
 * ``tokend grants import``: exit 0 with every record stored, or exit 1 with one line on
@@ -117,7 +117,7 @@ def _json(body: bytes) -> Any:
 
 
 def expect(answer: fl.Scripted, encoding_broken: bool) -> Expect:
-    """What DESIGN.md says tokend must make of this answer to a refresh."""
+    """What docs/contract.md says tokend must make of this answer to a refresh."""
     if answer.hang_up or answer.raw is not None:
         return Expect("transient", in_doubt=True)  # the request was sent: maybe rotated
     if encoding_broken:

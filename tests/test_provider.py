@@ -270,7 +270,7 @@ def test_client_credentials(server: ScriptedServer, client: ProviderClient) -> N
 
 
 def test_exchange_code(server: ScriptedServer, client: ProviderClient) -> None:
-    # Justimmo returns no refresh token on the code exchange, says DESIGN.md.
+    # Justimmo returns no refresh token on the code exchange, says docs/contract.md.
     server.push(Canned(body={"token_type": "Bearer", "expires_in": 86400,
                              "access_token": ACCESS}))
     resp = client.exchange_code(client_config(), "auth-code-1", "http://127.0.0.1:8765/cb",

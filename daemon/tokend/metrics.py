@@ -1,4 +1,4 @@
-"""Prometheus metrics (names and labels fixed by DESIGN.md) and the HTTP endpoint.
+"""Prometheus metrics (names and labels fixed by docs/contract.md) and the HTTP endpoint.
 
 All series a configured client can have exist from start-up with zero values, so an
 alert never sees "absent" by accident. No label ever holds a user, tenant or grant id.
