@@ -316,24 +316,166 @@ class Config:
 
 # --------------------------------------------------------------------------- loading
 
-_SECTIONS: dict[str, set[str]] = {
-    "database": {"url"},
-    "provider": {
-        "authorize_url", "token_url", "user_url", "refresh_token_ttl", "rate_limit",
-        "timeout", "verify_tls",
-    },
-    "schedule": {
-        "interval", "refresh_before", "retry_max", "reconsent_before", "concurrency",
-        "max_grant_age", "batch_size",
-    },
-    "metrics": {"listen"},
-    "logging": {"format", "level"},
-    "encryption": {"key_file"},
-    "notify": {"webhook_url", "webhook_secret", "webhook_secret_file"},
-    "state": {"dir"},
-    "consent": {"listen", "public_url", "link_key", "link_key_file", "link_ttl", "reminders"},
-    "api": {"listen", "key_file", "clients", "wait"},
-}
+Read = Callable[["_Reader", str, str], Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    section: str
+    key: str
+    show: Callable[[Config], str]
+    # None: read by its section's function (database, encryption, consent, api, state),
+    # whose keys depend on each other or on files.
+    read: Read | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def _default(cls: type, key: str) -> Any:
+    return getattr(cls, key)  # a dataclass keeps each field's default on the class
+
+
+def _url(cls: type) -> Read:
+    return lambda r, s, k: r.url(s, k, _default(cls, k))
+
+
+def _timedelta(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.timedelta(s, k, _default(cls, k), **bounds)
+
+
+def _duration(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.duration(s, k, _default(cls, k), **bounds)
+
+
+def _number(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.number(s, k, _default(cls, k), **bounds)
+
+
+def _integer(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: int(r.number(s, k, _default(cls, k), integer=True, **bounds))
+
+
+def _max_grant_age(r: _Reader, section: str, key: str) -> Duration | None:
+    text = r.string(section, key, "")
+    if not text:
+        return None
+    max_age: Duration = r.parse(section, key, Duration.parse, text)
+    if max_age.is_zero:
+        raise ConfigError("schedule.max_grant_age: must be longer than zero "
+                          "(leave it empty for no limit)")
+    return max_age
+
+
+def _listen(r: _Reader, section: str, key: str) -> str:
+    listen = r.string(section, key, MetricsConfig.listen)
+    if listen:
+        r.parse(section, key, split_host_port, listen)
+    return listen
+
+
+def _log_format(r: _Reader, section: str, key: str) -> str:
+    fmt = r.string(section, key, LoggingConfig.format)
+    if fmt not in ("json", "console", "auto"):
+        raise ConfigError(f"logging.format: must be json, console or auto, not {fmt!r}")
+    return fmt
+
+
+def _log_level(r: _Reader, section: str, key: str) -> str:
+    level = r.string(section, key, LoggingConfig.level).lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(sorted(_LEVELS))}, "
+                          f"not {level!r}")
+    return level
+
+
+def _q(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _mask(secret: object) -> str:
+    return _q("********" if secret else "")
+
+
+# Every key of a [section] once: its name, the other name it may be given by (the
+# *_file form of a secret) and its check-config value (masked). The reading of each key
+# (reader, default from the dataclass, bounds) is in _build and the section functions it
+# calls, in this order; cross-key checks follow the keys they compare.
+_KEYS: tuple[_Key, ...] = (
+    _Key("database", "url", lambda c: _q(mask_url(c.database.url))),
+    _Key("provider", "authorize_url", lambda c: _q(_hide_user(c.provider.authorize_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "token_url", lambda c: _q(_hide_user(c.provider.token_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "user_url", lambda c: _q(_hide_user(c.provider.user_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "refresh_token_ttl", lambda c: _q(str(c.provider.refresh_token_ttl)),
+         _duration(ProviderConfig, positive=True)),
+    _Key("provider", "rate_limit", lambda c: _q(c.provider.rate_limit),
+         _number(ProviderConfig, minimum=0)),
+    # Below 1 s a slow but healthy provider times out after it has already rotated the
+    # refresh token (the answer is lost); the lease is six timeouts long, and a stop
+    # waits for calls in flight, so the timeout has an upper bound too.
+    _Key("provider", "timeout", lambda c: _q(format_timedelta(c.provider.timeout)),
+         _timedelta(ProviderConfig, positive=True, minimum=MIN_TIMEOUT, maximum=MAX_TIMEOUT)),
+    _Key("provider", "verify_tls", lambda c: _q(c.provider.verify_tls),
+         lambda r, s, k: r.boolean(s, k, ProviderConfig.verify_tls)),
+    _Key("schedule", "interval", lambda c: _q(format_timedelta(c.schedule.interval)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "refresh_before",
+         lambda c: _q(format_timedelta(c.schedule.refresh_before)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "retry_max", lambda c: _q(format_timedelta(c.schedule.retry_max)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "reconsent_before", lambda c: _q(str(c.schedule.reconsent_before)),
+         _duration(ScheduleConfig)),
+    _Key("schedule", "concurrency", lambda c: str(c.schedule.concurrency),
+         _integer(ScheduleConfig, minimum=1, maximum=256)),
+    _Key("schedule", "max_grant_age",
+         lambda c: _q(str(c.schedule.max_grant_age) if c.schedule.max_grant_age else ""),
+         _max_grant_age),
+    _Key("schedule", "batch_size", lambda c: str(c.schedule.batch_size),
+         _integer(ScheduleConfig, minimum=1, maximum=10000)),
+    _Key("metrics", "listen", lambda c: _q(c.metrics.listen), _listen),
+    _Key("logging", "format", lambda c: _q(c.logging.format), _log_format),
+    _Key("logging", "level", lambda c: _q(c.logging.level), _log_level),
+    _Key("encryption", "key_file",
+         lambda c: f"{_q(str(c.encryption.key_file or ''))}"
+                   f"  # {len(c.encryption.keys)} key(s) loaded"),
+    _Key("state", "dir",
+         lambda c: f"{_q(str(c.state.dir or ''))}  # "
+                   + (f"from {c.state.origin}" if c.state.dir
+                      else "not set: `tokend run` needs it with PostgreSQL")),
+    _Key("notify", "webhook_url", lambda c: _q(mask_webhook(c.notify.webhook_url)),
+         lambda r, s, k: r.url(s, k, NotifyConfig.webhook_url, allow_empty=True)),
+    _Key("notify", "webhook_secret", lambda c: _mask(c.notify.webhook_secret),
+         lambda r, s, k: r.secret(s, k), aliases=("webhook_secret_file",)),
+    _Key("consent", "listen", lambda c: _q(c.consent.listen)),
+    _Key("consent", "public_url", lambda c: _q(_hide_user(c.consent.public_url))),
+    _Key("consent", "link_key", lambda c: _mask(c.consent.link_key),
+         aliases=("link_key_file",)),
+    _Key("consent", "link_ttl", lambda c: _q(str(c.consent.link_ttl))),
+    _Key("consent", "reminders",
+         lambda c: "[" + ", ".join(_q(str(d)) for d in c.consent.reminders) + "]"),
+    _Key("api", "listen",
+         lambda c: _q(c.api.listen)
+         + (f"  # socket {c.api.socket_path}" if c.api.socket_path else "")),
+    _Key("api", "key_file",
+         lambda c: f"{_mask(c.api.keys)}  # {len(c.api.keys)} key(s) loaded"),
+    _Key("api", "clients", lambda c: "[" + ", ".join(_q(n) for n in c.api.clients) + "]"),
+    _Key("api", "wait", lambda c: _q(str(int(c.api.wait.total_seconds())) + "s")),
+)
+_SECTIONS: dict[str, set[str]] = {}
+for _k in _KEYS:
+    _SECTIONS.setdefault(_k.section, set()).update((_k.key, *_k.aliases))
+
+
+def _section(r: _Reader, section: str) -> dict[str, Any]:
+    """The keys of a section that the table reads, by name (= the dataclass's fields)."""
+    return {k.key: k.read(r, k.section, k.key) for k in _KEYS
+            if k.section == section and k.read is not None}
 _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
     "client_credentials",
@@ -420,61 +562,15 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     db_url = r.string("database", "url", DatabaseConfig.url)
     database = DatabaseConfig(url=_database_url(db_url))
 
-    p = ProviderConfig()
-    provider = ProviderConfig(
-        authorize_url=r.url("provider", "authorize_url", p.authorize_url),
-        token_url=r.url("provider", "token_url", p.token_url),
-        user_url=r.url("provider", "user_url", p.user_url),
-        refresh_token_ttl=r.duration("provider", "refresh_token_ttl", p.refresh_token_ttl,
-                                     positive=True),
-        rate_limit=r.number("provider", "rate_limit", p.rate_limit, minimum=0),
-        # Below 1 s a slow but healthy provider times out after it has already rotated the
-        # refresh token (the answer is lost); the lease is six timeouts long, and a stop
-        # waits for calls in flight, so the timeout has an upper bound too.
-        timeout=r.timedelta("provider", "timeout", p.timeout, positive=True, minimum=MIN_TIMEOUT,
-                            maximum=MAX_TIMEOUT),
-        verify_tls=r.boolean("provider", "verify_tls", p.verify_tls),
-    )
-
-    s = ScheduleConfig()
-    max_age_text = r.string("schedule", "max_grant_age", "")
-    max_age: Duration | None = None
-    if max_age_text:
-        max_age = r.parse("schedule", "max_grant_age", Duration.parse, max_age_text)
-        assert max_age is not None
-        if max_age.is_zero:
-            raise ConfigError("schedule.max_grant_age: must be longer than zero "
-                              "(leave it empty for no limit)")
-    schedule = ScheduleConfig(
-        interval=r.timedelta("schedule", "interval", s.interval, positive=True),
-        refresh_before=r.timedelta("schedule", "refresh_before", s.refresh_before, positive=True),
-        retry_max=r.timedelta("schedule", "retry_max", s.retry_max, positive=True),
-        reconsent_before=r.duration("schedule", "reconsent_before", s.reconsent_before),
-        concurrency=int(r.number("schedule", "concurrency", s.concurrency, minimum=1,
-                                 maximum=256, integer=True)),
-        max_grant_age=max_age,
-        batch_size=int(r.number("schedule", "batch_size", s.batch_size, minimum=1,
-                                maximum=10000, integer=True)),
-    )
+    provider = ProviderConfig(**_section(r, "provider"))
+    schedule = ScheduleConfig(**_section(r, "schedule"))
     if schedule.retry_max < schedule.interval:
         raise ConfigError(
             f"schedule.retry_max ({format_timedelta(schedule.retry_max)}) must not be shorter "
             f"than schedule.interval ({format_timedelta(schedule.interval)})"
         )
-
-    listen = r.string("metrics", "listen", MetricsConfig.listen)
-    if listen:
-        r.parse("metrics", "listen", split_host_port, listen)
-    metrics = MetricsConfig(listen=listen)
-
-    fmt = r.string("logging", "format", "auto")
-    if fmt not in ("json", "console", "auto"):
-        raise ConfigError(f"logging.format: must be json, console or auto, not {fmt!r}")
-    level = r.string("logging", "level", "info").lower()
-    if level not in _LEVELS:
-        raise ConfigError(f"logging.level: must be one of {', '.join(sorted(_LEVELS))}, "
-                          f"not {level!r}")
-    logging_cfg = LoggingConfig(format=fmt, level=level)  # type: ignore[arg-type]
+    metrics = MetricsConfig(**_section(r, "metrics"))
+    logging_cfg = LoggingConfig(**_section(r, "logging"))
 
     key_name = r.string("encryption", "key_file", "tokend-key")
     encryption = EncryptionConfig()
@@ -493,10 +589,7 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
             key_file=key_path, keys=keys,
             from_credentials=bool(creds) and key_path.parent == Path(str(creds)))
 
-    notify = NotifyConfig(
-        webhook_url=r.url("notify", "webhook_url", "", allow_empty=True),
-        webhook_secret=r.secret("notify", "webhook_secret"),
-    )
+    notify = NotifyConfig(**_section(r, "notify"))
 
     consent = _consent(r)
     schedule = replace(schedule, reminders=consent.reminders)
@@ -882,72 +975,31 @@ def split_host_port(text: str) -> tuple[str, int]:
 
 
 def render(config: Config) -> str:
-    """The effective settings as TOML-like text, secrets masked."""
+    """The effective settings as TOML-like text, secrets masked (one line per key of
+    :data:`_KEYS`, the clients after the provider)."""
+    lines = [f"# effective configuration (source: {config.source or 'built-in defaults'})"]
+    section = ""
+    for spec in _KEYS:
+        if spec.section != section:
+            if section:
+                lines.append("")
+            if section == "provider":
+                lines += _render_clients(config)
+            section = spec.section
+            lines.append(f"[{section}]")
+        lines.append(f"{spec.key} = {spec.show(config)}")
+    return "\n".join(lines) + "\n"
 
-    def q(value: object) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
-            return f"{value:g}" if isinstance(value, float) else str(value)
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    db = mask_url(config.database.url)
-    p, s = config.provider, config.schedule
-    lines = [
-        f"# effective configuration (source: {config.source or 'built-in defaults'})",
-        "[database]", f"url = {q(db)}", "",
-        "[provider]",
-        f"authorize_url = {q(_hide_user(p.authorize_url))}",
-        f"token_url = {q(_hide_user(p.token_url))}",
-        f"user_url = {q(_hide_user(p.user_url))}",
-        f"refresh_token_ttl = {q(str(p.refresh_token_ttl))}",
-        f"rate_limit = {q(p.rate_limit)}",
-        f"timeout = {q(format_timedelta(p.timeout))}",
-        f"verify_tls = {q(p.verify_tls)}", "",
-    ]
+def _render_clients(config: Config) -> list[str]:
+    lines: list[str] = []
     for c in config.clients.values():
         lines += [
             f"[clients.{c.name}]",
-            f"client_id = {q(c.client_id)}",
+            f"client_id = {_q(c.client_id)}",
             'client_secret = "********"',
-            f"auth_method = {q(c.auth_method)}",
-            f"redirect_uri = {q(_hide_user(c.redirect_uri or ''))}",
-            f"client_credentials = {q(c.client_credentials)}", "",
+            f"auth_method = {_q(c.auth_method)}",
+            f"redirect_uri = {_q(_hide_user(c.redirect_uri or ''))}",
+            f"client_credentials = {_q(c.client_credentials)}", "",
         ]
-    lines += [
-        "[schedule]",
-        f"interval = {q(format_timedelta(s.interval))}",
-        f"refresh_before = {q(format_timedelta(s.refresh_before))}",
-        f"retry_max = {q(format_timedelta(s.retry_max))}",
-        f"reconsent_before = {q(str(s.reconsent_before))}",
-        f"concurrency = {s.concurrency}",
-        f"max_grant_age = {q(str(s.max_grant_age) if s.max_grant_age else '')}",
-        f"batch_size = {s.batch_size}", "",
-        "[metrics]", f"listen = {q(config.metrics.listen)}", "",
-        "[logging]", f"format = {q(config.logging.format)}",
-        f"level = {q(config.logging.level)}", "",
-        "[encryption]",
-        f"key_file = {q(str(config.encryption.key_file or ''))}"
-        f"  # {len(config.encryption.keys)} key(s) loaded", "",
-        "[state]",
-        f"dir = {q(str(config.state.dir or ''))}  # "
-        + (f"from {config.state.origin}" if config.state.dir
-           else "not set: `tokend run` needs it with PostgreSQL"), "",
-        "[notify]",
-        f"webhook_url = {q(mask_webhook(config.notify.webhook_url))}",
-        f"webhook_secret = {q('********' if config.notify.webhook_secret else '')}", "",
-        "[consent]",
-        f"listen = {q(config.consent.listen)}",
-        f"public_url = {q(_hide_user(config.consent.public_url))}",
-        f"link_key = {q('********' if config.consent.link_key else '')}",
-        f"link_ttl = {q(str(config.consent.link_ttl))}",
-        "reminders = [" + ", ".join(q(str(d)) for d in config.consent.reminders) + "]", "",
-        "[api]",
-        f"listen = {q(config.api.listen)}"
-        + (f"  # socket {config.api.socket_path}" if config.api.socket_path else ""),
-        f"key_file = {q('********' if config.api.keys else '')}"
-        f"  # {len(config.api.keys)} key(s) loaded",
-        "clients = [" + ", ".join(q(c) for c in config.api.clients) + "]",
-        f"wait = {q(str(int(config.api.wait.total_seconds())) + 's')}",
-    ]
-    return "\n".join(lines) + "\n"
+    return lines
