@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks in ``bench/``.
 
-* :class:`Fake` runs the fake Justimmo (``python -m tokend.fake_provider``) in its OWN
+* :class:`Fake` runs the fake Justimmo (``python -m tokend.fake``) in its OWN
   process on a local port, so its CPU never counts as tokend's, and drives it through its
   HTTP control endpoints (``/_fake/stats``, ``/_fake/issue``, ...).
 * :func:`database` gives a fresh database per benchmark: a SQLite file in a temp dir, or
@@ -118,7 +118,7 @@ class Fake:
 
     def __init__(self, *, latency: float = 0.0, access_ttl: float = 86400.0) -> None:
         self.proc = subprocess.Popen(
-            [PY, "-m", "tokend.fake_provider", "--port", "0", "--latency", str(latency),
+            [PY, "-m", "tokend.fake", "--port", "0", "--latency", str(latency),
              "--access-ttl", str(access_ttl), "--client", f"{CLIENT_ID}:{CLIENT_SECRET}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT / "daemon")},

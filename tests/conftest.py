@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.store import Store, open_store
 
 PG_URL = os.environ.get("TOKEND_TEST_DATABASE_URL",

@@ -1,6 +1,6 @@
 """Helpers of the fault-injection suite (``tests/test_faults.py``, ``tests/test_fuzz.py``).
 
-* :class:`FakeProcess`: the fake Justimmo (:class:`tokend.fake_provider.FakeJustimmo`)
+* :class:`FakeProcess`: the fake Justimmo (:class:`tokend.fake.FakeJustimmo`)
   as a process of its own, driven over its ``/_fake/*`` HTTP control API. Run as
   ``python tests/faultlib.py fake ...`` it is the stock fake plus one read-only control
   endpoint, ``POST /_fake/valid``, that answers for a list of (user id, refresh token)
@@ -41,7 +41,7 @@ from typing import Any
 import requests
 from sqlalchemy import Engine, create_engine, text
 
-from tokend.fake_provider import ManualClock
+from tokend.testing import ManualClock
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -494,7 +494,7 @@ class ScriptedServer:
 def _fake_main(argv: Sequence[str]) -> int:
     import argparse
 
-    from tokend.fake_provider import FakeJustimmo, _json_response
+    from tokend.fake import FakeJustimmo, json_response
 
     class CheckingFake(FakeJustimmo):
         def _control(self, method: str, path: str, payload: Any) -> Any:
@@ -505,7 +505,7 @@ def _fake_main(argv: Sequence[str]) -> int:
                     valid = self.refresh_token_valid(token)
                     head = self.current_refresh_token(user_id, client_id)
                     out.append([valid, head == token])
-                return _json_response(200, out)
+                return json_response(200, out)
             return super()._control(method, path, payload)
 
     p = argparse.ArgumentParser(prog="faultlib fake")

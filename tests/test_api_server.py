@@ -22,7 +22,7 @@ from tokend import circuit
 from tokend.api import TokenStore, api_request
 from tokend.api_server import ApiServer
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo, IssuedTokens
+from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.model import NewGrant, Status
 from tokend.ondemand import OnDemand

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import requests
 
 from conftest import write_config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 
 
 def _port() -> int:

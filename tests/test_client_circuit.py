@@ -18,13 +18,14 @@ import faultlib as fl
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import circuit
 from tokend.config import Config, Secret
-from tokend.fake_provider import FakeJustimmo, ManualClock
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import G, Store
+from tokend.testing import ManualClock
 
 PROVIDER_SECRET = "rotated-at-the-provider"
 STEPS = [60, 120, 240, 480, 900, 900, 900]  # seconds: interval doubling up to retry_max

@@ -24,7 +24,7 @@ from tokend import consent, pkce, policy
 from tokend.config import Config
 from tokend.consent_server import ConsentServer
 from tokend.daemon import Daemon
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import Grant, GrantType, NewGrant, Status
 from tokend.provider import ProviderClient
 from tokend.store import Store

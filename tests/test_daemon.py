@@ -18,7 +18,7 @@ import requests
 
 from conftest import CLIENT_ID, CLIENT_SECRET, write_config
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store

@@ -32,7 +32,7 @@ import faultlib as fl
 from conftest import IN_CI, reset_pg
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status

@@ -25,7 +25,7 @@ from tokend import logs
 from tokend.config import Config, Secret
 from tokend.crypto import Cipher, generate_key
 from tokend.errors import StoreError
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
 from tokend.sdnotify import Notifier
 from tokend.store import Store, make_engine

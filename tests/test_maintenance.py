@@ -12,7 +12,7 @@ import pytest
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config
 from tokend.errors import StoreError
-from tokend.fake_provider import FakeJustimmo, IssuedTokens
+from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import Grant, NewGrant, Outcome, Status

@@ -25,7 +25,7 @@ from tokend import notify, pkce
 from tokend.api import GrantUnavailable, TokenStore
 from tokend.authorize import authorize
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import Status

@@ -13,12 +13,13 @@ from conftest import CLIENT_ID, CLIENT_SECRET
 from test_reconsent import WEBHOOK_SECRET, Receiver
 from tokend import consent, notify, policy
 from tokend.config import Config
-from tokend.fake_provider import FakeJustimmo, ManualClock
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import GrantType, NewGrant, Status
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import ManualClock
 
 LINK_KEY = "reminder-test-link-key-0123456789abcdef"
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)

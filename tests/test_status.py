@@ -14,7 +14,7 @@ from tokend import circuit, heartbeat
 from tokend.cli import main
 from tokend.config import load_config
 from tokend.daemon import Daemon
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.status import replica_state

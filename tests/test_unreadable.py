@@ -22,7 +22,7 @@ from tokend.cli import main
 from tokend.config import Config
 from tokend.daemon import Daemon
 from tokend.errors import GrantUnreadable
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant, Status, UnreadableGrant
 from tokend.policy import initial
 from tokend.provider import ProviderClient

@@ -28,7 +28,7 @@ from .authorize import authorize
 from .config import Config, load_config
 from .daemon import Daemon
 from .durations import Duration
-from .fake_provider import FakeJustimmo
+from .fake import FakeJustimmo
 from .store import open_store
 
 CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
