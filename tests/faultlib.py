@@ -50,12 +50,6 @@ TOKEND = str(Path(PYTHON).with_name("tokend")) if Path(PYTHON).with_name("tokend
 CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_until(predicate: Callable[[], Any], timeout: float, *, interval: float = 0.05,
                what: str = "condition") -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""

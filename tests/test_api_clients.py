@@ -22,12 +22,12 @@ from faultlib import (
     FakeProcess,
     Proc,
     clean_env,
-    free_port,
     tokend,
     wait_until,
     write_config,
 )
 from tokend.crypto import generate_key
+from tokend.testing import free_port
 
 pytestmark = pytest.mark.faults
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

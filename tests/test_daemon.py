@@ -22,6 +22,7 @@ from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
+from tokend.testing import free_port
 
 DESIGN_METRICS = [
     "tokend_refresh_attempts_total", "tokend_refresh_failures_total",
@@ -31,12 +32,6 @@ DESIGN_METRICS = [
     "tokend_pass_duration_seconds", "tokend_pass_last_success_timestamp_seconds",
     "tokend_notifications_total", "tokend_build_info",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def seed(config: Config, fake: FakeJustimmo, n: int) -> list[str]:

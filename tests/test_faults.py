@@ -39,6 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
+from tokend.testing import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -446,7 +447,7 @@ def test_database_outage_mid_pass_loses_no_rotated_token(tmp_path: Path, pg: str
     if "127.0.0.1:5432" not in pg and "localhost:5432" not in pg:
         pytest.skip("TOKEND_TEST_DATABASE_URL is not the local cluster")
     n = 1000
-    port = fl.free_port()
+    port = free_port()
     world = World(tmp_path, pg, interval="5s", listen=f"127.0.0.1:{port}")
     probe = requests.Session()
     probe.trust_env = False

@@ -35,6 +35,7 @@ from tokend.crypto import generate_key
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
+from tokend.testing import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -48,7 +49,7 @@ class Proxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.port = fl.free_port()
+        self.port = free_port()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
