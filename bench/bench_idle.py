@@ -60,7 +60,7 @@ def main() -> None:
         for backend in names:
             port = free_port()
             path = write_config(wd, urls[backend], token_url="http://127.0.0.1:9/t",
-                                metrics_listen=f"127.0.0.1:{port}", rate_limit=0,
+                                listen=f"127.0.0.1:{port}", rate_limit=0,
                                 name=f"{backend}.toml")
             store = open_bench_store(load(path))
             try:

@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,14 +41,14 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))  # works from a plain checkout too
 
+from tokend import testing  # noqa: E402
 from tokend.config import Config, load_config  # noqa: E402
-from tokend.crypto import generate_key  # noqa: E402
 from tokend.model import NewGrant, Status  # noqa: E402
 from tokend.store import Store, open_store  # noqa: E402
+from tokend.testing import CLIENT_ID, CLIENT_SECRET, make_key_file  # noqa: E402
 
 PY = sys.executable
 TOKEND = str(Path(sys.executable).with_name("tokend"))
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 PG_ADMIN_URL = os.environ.get("TOKEND_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # tokend's SQLite timestamp text (tokend.schema)
@@ -318,49 +317,12 @@ def workdir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_config(directory: Path, db_url: str, *, token_url: str, rate_limit: float = 0,
-                 concurrency: int = 8, interval: str = "60s", metrics_listen: str = "",
-                 level: str = "info", name: str = "tokend.toml", timeout: str = "10s") -> Path:
-    key = directory / "tokend-key"
-    if not key.exists():
-        key.write_text(generate_key() + "\n")
-        key.chmod(0o600)
-    base = token_url.rsplit("/", 1)[0]
-    path = directory / name
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{base}/authorize"
-        token_url = "{token_url}"
-        user_url = "{base}/oauth/user/current"
-        rate_limit = {rate_limit}
-        timeout = "{timeout}"
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-
-        [schedule]
-        interval = "{interval}"
-        concurrency = {concurrency}
-
-        [metrics]
-        listen = "{metrics_listen}"
-
-        [logging]
-        format = "json"
-        level = "{level}"
-
-        [state]
-        dir = "{path.parent / 'state'}"
-
-        [encryption]
-        key_file = "{key}"
-        """))
-    return path
+def write_config(directory: Path, db_url: str, *, name: str = "tokend.toml", **kw: Any) -> Path:
+    """:func:`tokend.testing.write_config` as the benchmarks use it: the key beside the
+    config (made once), a 10 s provider timeout unless told otherwise."""
+    kw.setdefault("timeout", "10s")
+    return testing.write_config(directory / name, db_url=db_url,
+                                key_file=make_key_file(directory / "tokend-key"), **kw)
 
 
 def load(config_path: Path) -> Config:

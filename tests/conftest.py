@@ -7,7 +7,6 @@ only when it is unreachable AND ``CI`` is unset; under CI an unreachable server 
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +16,13 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import Config, load_config
-from tokend.crypto import generate_key
 from tokend.fake import FakeJustimmo
 from tokend.store import Store, open_store
+from tokend.testing import CLIENT_ID, CLIENT_SECRET, make_key_file, write_config
 
 PG_URL = os.environ.get("TOKEND_TEST_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 
 
 def _pg_reachable() -> str | None:
@@ -94,61 +92,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokend-key"
-    path.write_text(generate_key() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def write_config(tmp_path: Path, db_url: str, *, fake: FakeJustimmo | None = None,
-                 extra: str = "", schedule: str = "", provider: str = "",
-                 client: str = "", key_file: Path | None = None) -> Path:
-    token_url = fake.token_url if fake else "http://127.0.0.1:9/access_token"
-    authorize_url = fake.authorize_url if fake else "http://127.0.0.1:9/authorize"
-    user_url = fake.user_url if fake else "http://127.0.0.1:9/oauth/user/current"
-    path = tmp_path / "tokend.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{authorize_url}"
-        token_url = "{token_url}"
-        user_url = "{user_url}"
-        rate_limit = 0
-        timeout = "5s"
-        {provider}
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-        {client}
-
-        [schedule]
-        interval = "60s"
-        {schedule}
-
-        [metrics]
-        listen = ""
-
-        [logging]
-        format = "json"
-        level = "info"
-
-        [state]
-        dir = "{tmp_path / 'state'}"
-
-        [encryption]
-        key_file = "{key_file or tmp_path / 'tokend-key'}"
-        """) + extra)
-    return path
+    return make_key_file(tmp_path / "tokend-key")
 
 
 @pytest.fixture
 def make_config(tmp_path: Path, db_url: str, key_file: Path) -> Callable[..., Config]:
-    def make(**kwargs: Any) -> Config:
-        return load_config(write_config(tmp_path, db_url, key_file=key_file, **kwargs), env={})
+    def make(*, fake: FakeJustimmo | None = None, **kwargs: Any) -> Config:
+        if fake is not None:
+            kwargs["token_url"] = fake.token_url
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file, **kwargs)
+        return load_config(path, env={})
 
     return make
 

@@ -27,7 +27,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections import deque
@@ -41,13 +40,12 @@ from typing import Any
 import requests
 from sqlalchemy import Engine, create_engine, text
 
-from tokend.testing import ManualClock
+from tokend.testing import CLIENT_ID, CLIENT_SECRET, ManualClock
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
 TOKEND = str(Path(PYTHON).with_name("tokend")) if Path(PYTHON).with_name("tokend").exists() \
     else (shutil.which("tokend") or "tokend")
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, *, interval: float = 0.05,
@@ -229,49 +227,6 @@ def tokend(config: Path, *args: str, timeout: float = 120.0,
 
 
 # --------------------------------------------------------------------------- config
-
-
-def write_config(path: Path, *, db_url: str, token_url: str, key_file: Path,
-                 concurrency: int = 8, interval: str = "60s", retry_max: str = "15m",
-                 timeout: str = "5s", listen: str = "", level: str = "info",
-                 extra_schedule: str = "") -> Path:
-    base = token_url.rsplit("/", 1)[0]
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{base}/authorize"
-        token_url = "{token_url}"
-        user_url = "{base}/oauth/user/current"
-        rate_limit = 0
-        timeout = "{timeout}"
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-
-        [schedule]
-        interval = "{interval}"
-        retry_max = "{retry_max}"
-        concurrency = {concurrency}
-        {extra_schedule}
-
-        [metrics]
-        listen = "{listen}"
-
-        [logging]
-        format = "json"
-        level = "{level}"
-
-        [state]
-        dir = "{path.parent / 'state'}"
-
-        [encryption]
-        key_file = "{key_file}"
-        """))
-    return path
 
 
 # --------------------------------------------------------------------------- PostgreSQL

@@ -24,10 +24,9 @@ from faultlib import (
     clean_env,
     tokend,
     wait_until,
-    write_config,
 )
 from tokend.crypto import generate_key
-from tokend.testing import free_port
+from tokend.testing import free_port, write_config
 
 pytestmark = pytest.mark.faults
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

@@ -119,7 +119,7 @@ class World:
 @pytest.fixture
 def world(make_config: Callable[..., Config], store_for: Callable[..., Store],
           fake: RecordingFake, clock: ManualClock) -> Iterator[World]:
-    config = make_config(fake=fake, schedule='concurrency = 4\nretry_max = "15m"')
+    config = make_config(fake=fake, schedule_extra='concurrency = 4\nretry_max = "15m"')
     w = World(config, store_for(config, clock=clock), fake, clock)
     yield w
     w.close()
@@ -196,7 +196,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
 def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_it(
         make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: RecordingFake, clock: ManualClock) -> None:
-    config = make_config(fake=fake, client="client_credentials = true",
+    config = make_config(fake=fake, client_extra="client_credentials = true",
                          schedule="concurrency = 4")
     w = World(config, store_for(config, clock=clock), fake, clock)
     try:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import CLIENT_ID, CLIENT_SECRET, write_config
+from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config, load_config
 from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
-from tokend.testing import free_port
+from tokend.testing import free_port, write_config
 
 DESIGN_METRICS = [
     "tokend_refresh_attempts_total", "tokend_refresh_failures_total",
@@ -91,8 +91,8 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
     sock, sock_path = notify_socket
     port = free_port()
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.002) as fake:
-        path = write_config(tmp_path, db_url, fake=fake, key_file=key_file,
-                            client="client_credentials = true")
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file,
+                            client_extra="client_credentials = true")
         text = path.read_text().replace('listen = ""', f'listen = "127.0.0.1:{port}"')
         path.write_text(text)
         config = load_config(path, env={})
@@ -151,7 +151,7 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
 
 def test_run_once_exit_codes(tmp_path: Path, db_url: str, key_file: Path) -> None:
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}) as fake:
-        path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
         config = load_config(path, env={})
         seed(config, fake, 3)
         cmd = [sys.executable, "-m", "tokend", "--config", str(path), "run", "--once"]
@@ -165,7 +165,7 @@ def test_run_once_exit_codes(tmp_path: Path, db_url: str, key_file: Path) -> Non
 
 
 def test_database_down_at_start_is_waited_for(tmp_path: Path, key_file: Path) -> None:
-    path = write_config(tmp_path, "postgresql+psycopg://postgres@127.0.0.1:1/none",
+    path = write_config(tmp_path / "tokend.toml", db_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
                         key_file=key_file)
     proc = subprocess.Popen([sys.executable, "-m", "tokend", "--config", str(path), "run"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -187,8 +187,8 @@ def test_two_processes_on_postgresql_never_refresh_a_grant_twice(
 
     reset_pg(pg_url)
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.01) as fake:
-        path = write_config(tmp_path, pg_url, fake=fake, key_file=key_file,
-                            schedule="concurrency = 4")
+        path = write_config(tmp_path / "tokend.toml", db_url=pg_url, token_url=fake.token_url, key_file=key_file,
+                            schedule_extra="concurrency = 4")
         config = load_config(path, env={})
         seed(config, fake, 400)
         cmd = [sys.executable, "-m", "tokend", "--config", str(path), "run", "--once"]

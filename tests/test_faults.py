@@ -39,7 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port
+from tokend.testing import free_port, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -75,7 +75,7 @@ class World:
         self.key.write_text(generate_key() + "\n")
         self.key.chmod(0o600)
         self.fake = fl.FakeProcess(workdir, latency=latency, access_ttl=access_ttl)
-        self.config_path = fl.write_config(
+        self.config_path = write_config(
             workdir / "tokend.toml", db_url=db_url, token_url=self.fake.token_url,
             key_file=self.key, concurrency=CONCURRENCY, **config)
         self.config: Config = load_config(self.config_path, env={})
@@ -564,7 +564,7 @@ def test_a_day_of_provider_outages(tmp_path: Path, pg: str) -> None:
     fake = RecordingFake(clients={fl.CLIENT_ID: fl.CLIENT_SECRET}, clock=clock,
                          request_times_limit=0)
     fake.start()
-    path = fl.write_config(tmp_path / "tokend.toml", db_url=pg, token_url=fake.token_url,
+    path = write_config(tmp_path / "tokend.toml", db_url=pg, token_url=fake.token_url,
                            key_file=key, interval="5m", retry_max="1h", timeout="1s")
     config = load_config(path, env={})
     store = open_store(config, clock=clock, auto_upgrade=True)

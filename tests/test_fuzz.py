@@ -50,6 +50,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
+from tokend.testing import write_config
 
 pytestmark = [pytest.mark.faults]
 
@@ -273,7 +274,7 @@ class ProviderEnv:
         key = workdir / "tokend-key"
         key.write_text(generate_key() + "\n")
         self.server = fl.ScriptedServer().__enter__()
-        path = fl.write_config(workdir / "tokend.toml", db_url=pg, token_url=self.server.url,
+        path = write_config(workdir / "tokend.toml", db_url=pg, token_url=self.server.url,
                                key_file=key, timeout="3s")
         self.config = load_config(path, env={})
         self.store: Store = open_store(self.config, auto_upgrade=True)
@@ -652,7 +653,7 @@ class ImportEnv:
         key = workdir / "tokend-key"
         key.write_text(generate_key() + "\n")
         self.workdir = workdir
-        self.config = fl.write_config(workdir / "tokend.toml", db_url=pg,
+        self.config = write_config(workdir / "tokend.toml", db_url=pg,
                                       token_url="http://127.0.0.1:9/access_token", key_file=key)
         done = fl.tokend(self.config, "db", "upgrade")
         assert done.returncode == 0, done.stderr

@@ -86,7 +86,7 @@ class FaultyStore(Store):
 @pytest.fixture
 def env(make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: FakeJustimmo) -> Iterator[Env]:
-    e = Env(make_config(fake=fake, schedule="concurrency = 4"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, schedule_extra="concurrency = 4"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     yield e
     e.close()

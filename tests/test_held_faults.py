@@ -35,7 +35,7 @@ from tokend.crypto import generate_key
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
-from tokend.testing import free_port
+from tokend.testing import free_port, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -119,7 +119,7 @@ class Setup:
         key.write_text(generate_key() + "\n")
         key.chmod(0o600)
         self.fake = fl.FakeProcess(workdir, latency=LATENCY)
-        self.config_path = fl.write_config(
+        self.config_path = write_config(
             workdir / "tokend.toml", db_url=daemon_url, token_url=self.fake.token_url,
             key_file=key, concurrency=8, interval="2s")
         self.config = load_config(self.config_path, env={"TOKEND_DATABASE__URL": pg})

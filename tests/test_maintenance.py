@@ -76,7 +76,7 @@ class Env:
 @pytest.fixture
 def env(make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: FakeJustimmo) -> Iterator[Env]:
-    e = Env(make_config(fake=fake, schedule="concurrency = 4"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, schedule_extra="concurrency = 4"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     yield e
     e.close()
@@ -219,7 +219,7 @@ def test_racing_passes_never_refresh_a_grant_twice(env: Env,
 
 def test_client_credentials_are_kept(make_config: Callable[..., Config],
                                      store_for: Callable[..., Store], fake: FakeJustimmo) -> None:
-    e = Env(make_config(fake=fake, client="client_credentials = true"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, client_extra="client_credentials = true"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     try:
         assert e.engine().run_pass().refreshed == 1

@@ -73,7 +73,7 @@ def raw(store: Store, ids: list[int]) -> dict[int, tuple[Any, ...]]:
 @pytest.fixture
 def world(make_config: Callable[..., Config], store_for: Callable[..., Store],
           fake: FakeJustimmo) -> Iterator[tuple[Config, Store, list[int], dict[int, str]]]:
-    config = make_config(fake=fake, schedule="concurrency = 4\nbatch_size = 3")
+    config = make_config(fake=fake, schedule_extra="concurrency = 4\nbatch_size = 3")
     store = store_for(config)
     ids = seed(store, config, fake)
     broken = corrupt(store, ids)

@@ -5,7 +5,8 @@ Public and small on purpose (like ``structlog.testing``); nothing here runs in t
 
 - :class:`ManualClock`: a settable UTC clock for the fake, the store and the provider client.
 - :func:`free_port`: a TCP port nobody listens on right now.
-- :func:`write_config`: a tokend config file; every knob the callers turn is a parameter.
+- :func:`write_config`: a tokend config file; every knob the callers turn is a parameter;
+  :func:`make_key_file` a key for it.
 - :func:`seed_grants`: grants in the store for tokens the fake provider issued.
 - :func:`quiet_logs`: tokend's logs into a buffer (or ``/dev/null``), restored afterwards.
 - :func:`pg_problem`, :func:`pg_database`, :func:`reset_pg`: PostgreSQL reachability, a
@@ -26,6 +27,7 @@ from typing import Any, Literal, TextIO
 
 from sqlalchemy import create_engine, make_url, text
 
+from tokend.crypto import generate_key
 from tokend.fake import IssuedTokens
 from tokend.model import NewGrant
 from tokend.store import Decide, Store
@@ -134,6 +136,14 @@ def write_config(
         + f'[encryption]\nkey_file = "{key_file}"\n'
         + extra
     )
+    return path
+
+
+def make_key_file(path: Path) -> Path:
+    """A Fernet key file at ``path`` (0600), made unless it is there already."""
+    if not path.exists():
+        path.write_text(generate_key() + "\n")
+        path.chmod(0o600)
     return path
 
 
