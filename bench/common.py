@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "daemon"))  # works from a plain checkout too
 
 from tokend import testing  # noqa: E402
 from tokend.config import Config, load_config  # noqa: E402
-from tokend.model import NewGrant, Status  # noqa: E402
+from tokend.model import Status  # noqa: E402
 from tokend.store import Store, open_store  # noqa: E402
 from tokend.testing import CLIENT_ID, CLIENT_SECRET, make_key_file  # noqa: E402
 
@@ -339,15 +339,9 @@ def seed_due(store: Store, fake: Fake, n: int, *, user_id_start: int = 1) -> lis
     if n <= 0:
         return []
     now = utcnow()
-    issued = fake.issue(n, user_id_start=user_id_start)
-    news = [NewGrant(
-        client="main", grant_type="authorization_code", access_token=t["access_token"],
-        access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=4),
-        refresh_token=t["refresh_token"],
-        refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-        user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued]
     due_at = now - timedelta(seconds=1)
-    return store.insert_grants(news, lambda _g: (Status.OK, None, due_at))
+    return testing.seed_grants(store, fake.issue(n, user_id_start=user_id_start),
+                               lambda _g: (Status.OK, None, due_at), now=now)
 
 
 def dummy_tokens(store: Store) -> tuple[str, str]:

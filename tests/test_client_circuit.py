@@ -25,7 +25,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import G, Store
-from tokend.testing import ManualClock
+from tokend.testing import ManualClock, seed_grants
 
 PROVIDER_SECRET = "rotated-at-the-provider"
 STEPS = [60, 120, 240, 480, 900, 900, 900]  # seconds: interval doubling up to retry_max
@@ -89,12 +89,9 @@ class World:
         now = self.clock()
         expiry = {t.user_id: now + timedelta(minutes=30 + (t.user_id or 0) * 7 % n)
                   for t in issued}
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            access_expires_at=expiry[t.user_id], obtained_at=now - timedelta(hours=23),
-            refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-            user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+                    now=now, access_left=lambda t: expiry[t.user_id] - now,
+                    age=timedelta(hours=23))
         return {k: v for k, v in expiry.items() if k is not None}
 
     def requests(self) -> int:
@@ -197,7 +194,7 @@ def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_
         make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: RecordingFake, clock: ManualClock) -> None:
     config = make_config(fake=fake, client_extra="client_credentials = true",
-                         schedule="concurrency = 4")
+                         schedule_extra="concurrency = 4")
     w = World(config, store_for(config, clock=clock), fake, clock)
     try:
         w.seed(5)

@@ -19,10 +19,9 @@ import requests
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config, load_config
 from tokend.fake import FakeJustimmo
-from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
-from tokend.testing import free_port, write_config
+from tokend.testing import free_port, seed_grants, write_config
 
 DESIGN_METRICS = [
     "tokend_refresh_attempts_total", "tokend_refresh_failures_total",
@@ -40,12 +39,8 @@ def seed(config: Config, fake: FakeJustimmo, n: int) -> list[str]:
     now = datetime.now(UTC)
     store = open_store(config, auto_upgrade=True)
     try:
-        store.insert_grants([NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            access_expires_at=now + timedelta(minutes=30), obtained_at=now - timedelta(hours=3),
-            refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-            user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued],
-            lambda g: initial(g, now, config.schedule))
+        seed_grants(store, issued, lambda g: initial(g, now, config.schedule), now=now,
+                    access_left=timedelta(minutes=30), age=timedelta(hours=3))
     finally:
         store.close()
     return [t.access_token for t in issued] + [t.refresh_token or "" for t in issued]

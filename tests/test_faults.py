@@ -39,7 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port, write_config
+from tokend.testing import free_port, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -88,13 +88,8 @@ class World:
     def seed(self, n: int) -> None:
         issued = self.fake.issue(n)
         now = datetime.now(UTC)
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t["access_token"],
-            access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=23),
-            refresh_token=t["refresh_token"],
-            refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-            user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+                    now=now, age=timedelta(hours=23))
 
     def daemon(self, *args: str, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, *args, log=self.workdir / f"{name}.log")

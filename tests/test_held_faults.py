@@ -32,10 +32,9 @@ import faultlib as fl
 from conftest import PG_URL, reset_pg
 from tokend.config import load_config
 from tokend.crypto import generate_key
-from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
-from tokend.testing import free_port, write_config
+from tokend.testing import free_port, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -131,13 +130,8 @@ class Setup:
     def seed(self, n: int) -> None:
         issued = self.fake.issue(n)
         now = datetime.now(UTC)
-        self.store.insert_grants([NewGrant(
-            client="main", grant_type="authorization_code", access_token=t["access_token"],
-            access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=23),
-            refresh_token=t["refresh_token"],
-            refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-            user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued],
-            lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+                    now=now, age=timedelta(hours=23))
 
     def daemon(self, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, "run", log=self.workdir / f"{name}.log")

@@ -15,10 +15,11 @@ from tokend.errors import StoreError
 from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
-from tokend.model import Grant, NewGrant, Outcome, Status
+from tokend.model import Grant, Outcome, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import seed_grants
 
 
 @pytest.fixture
@@ -50,14 +51,9 @@ class Env:
     def seed(self, n: int, *, due: bool = True, **kw: Any) -> list[IssuedTokens]:
         issued = self.fake.issue_many(CLIENT_ID, n, user_id_start=1, **kw)
         now = datetime.now(UTC)
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            # due: the access token has less than refresh_before left
-            access_expires_at=now + (timedelta(hours=1) if due else timedelta(hours=20)),
-            obtained_at=now - timedelta(hours=4), refresh_token=t.refresh_token,
-            refresh_expires_at=t.refresh_expires_at, user_id=str(t.user_id),
-            tenant_id=str(t.tenant_id)) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        # due: the access token has less than refresh_before left
+        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+                    now=now, access_left=timedelta(hours=1) if due else timedelta(hours=20))
         return issued
 
     def grants(self) -> list[Grant]:

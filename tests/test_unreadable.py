@@ -27,6 +27,7 @@ from tokend.model import NewGrant, Status, UnreadableGrant
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import seed_grants
 
 N = 12
 
@@ -35,12 +36,7 @@ def seed(store: Store, config: Config, fake: FakeJustimmo, n: int = N) -> list[i
     """n grants, all due now (the access token has an hour left)."""
     issued = fake.issue_many(CLIENT_ID, n, user_id_start=1)
     now = datetime.now(UTC)
-    return store.insert_grants([NewGrant(
-        client="main", grant_type="authorization_code", access_token=t.access_token,
-        access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=4),
-        refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-        user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued],
-        lambda g: initial(g, now, config.schedule))
+    return seed_grants(store, issued, lambda g: initial(g, now, config.schedule), now=now)
 
 
 def corrupt(store: Store, ids: list[int]) -> dict[int, str]:
