@@ -413,12 +413,3 @@ def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
 def count_rows(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM grants")).scalar_one())
-
-
-def quiet_logs(config: Config) -> Any:
-    """tokend's real log set-up (JSON lines, info), written to /dev/null."""
-    from tokend import logs
-
-    sink = open(os.devnull, "w")  # noqa: SIM115 - lives for the whole benchmark
-    logs.configure(config.logging, stream=sink)
-    return sink

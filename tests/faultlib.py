@@ -19,7 +19,6 @@ Every wait here is bounded in time; every process is started by us and ended by 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -321,29 +320,6 @@ def pg_online(cluster: tuple[str, str]) -> bool:
 
 
 # --------------------------------------------------------------------------- logs
-
-
-@contextlib.contextmanager
-def quiet_logs(level: str = "error") -> Iterator[io.StringIO]:
-    """tokend's in-process logs into a buffer (JSON, ``level`` and up), restored afterwards."""
-    import logging
-
-    import structlog
-
-    from tokend import logs
-    from tokend.config import LoggingConfig
-
-    root = logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    previous = structlog.get_config()
-    sink = io.StringIO()
-    logs.configure(LoggingConfig(format="json", level=level), stream=sink)
-    try:
-        yield sink
-    finally:
-        structlog.configure(**previous)
-        root.handlers[:] = handlers
-        root.setLevel(root_level)
 
 
 # --------------------------------------------------------------------------- time

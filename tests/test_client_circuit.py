@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-import faultlib as fl
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import circuit
 from tokend.config import Config, Secret
@@ -25,7 +24,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import G, Store
-from tokend.testing import ManualClock, seed_grants
+from tokend.testing import ManualClock, quiet_logs, seed_grants
 
 PROVIDER_SECRET = "rotated-at-the-provider"
 STEPS = [60, 120, 240, 480, 900, 900, 900]  # seconds: interval doubling up to retry_max
@@ -140,7 +139,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
     n = 12
     expiry = world.seed(n)
     metrics = Metrics()
-    with fl.quiet_logs("info") as sink:
+    with quiet_logs("info") as sink:
         wrong = world.engine(world.config, metrics)
         at_start = blocked(metrics)
         result = wrong.run_pass()
@@ -178,7 +177,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
     world.clock.advance(5)
     fixed = with_secret(world.config, PROVIDER_SECRET, concurrency=1)
     metrics = Metrics()
-    with fl.quiet_logs("info") as sink:
+    with quiet_logs("info") as sink:
         result = world.engine(fixed, metrics).run_pass()
     assert (result.refreshed, result.failed) == (n, 0), (result, sink.getvalue()[-2000:])
     users = [user for _, user, _ in world.fake.log]
@@ -199,7 +198,7 @@ def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_
     try:
         w.seed(5)
         metrics = Metrics()
-        with fl.quiet_logs("info"):
+        with quiet_logs("info"):
             m = w.engine(config, metrics)
             first = m.run_pass()
             # The client-credentials row (no token yet) is the most urgent: it probes.
@@ -238,7 +237,7 @@ def test_a_refused_grant_of_a_working_client_does_not_block_it(world: World) -> 
         refresh_token=issued[0].refresh_token, refresh_expires_at=issued[0].refresh_expires_at,
         user_id="50")], lambda g: initial(g, now, world.config.schedule))
     metrics = Metrics()
-    with fl.quiet_logs():
+    with quiet_logs():
         result = world.engine(world.config, metrics).run_pass()
     assert world.fake.log[0][:2] == ("refresh_token", 50)  # the probe: earliest expiry
     assert (result.refreshed, result.failures["permanent"]) == (4, 1), result

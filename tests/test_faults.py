@@ -39,7 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port, seed_grants, write_config
+from tokend.testing import free_port, quiet_logs, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -565,7 +565,7 @@ def test_a_day_of_provider_outages(tmp_path: Path, pg: str) -> None:
     store = open_store(config, clock=clock, auto_upgrade=True)
     provider = ProviderClient(config.provider, pool_size=CONCURRENCY, clock=clock)
     engine = Maintenance(config, store, provider, metrics=Metrics(), rand=rng.random)
-    quiet = fl.quiet_logs()
+    quiet = quiet_logs()
     quiet.__enter__()
 
     # 48 healthy grants whose access tokens come due one every 30 min of the day (from

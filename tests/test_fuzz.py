@@ -50,14 +50,14 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import write_config
+from tokend.testing import quiet_logs, write_config
 
 pytestmark = [pytest.mark.faults]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_logs() -> Iterator[None]:
-    with fl.quiet_logs():
+    with quiet_logs():
         yield
 
 

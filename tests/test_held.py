@@ -19,7 +19,6 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from conftest import CLIENT_ID
-from faultlib import quiet_logs
 from test_maintenance import Env
 from tokend import logs
 from tokend.config import Config, Secret
@@ -29,6 +28,7 @@ from tokend.fake import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
 from tokend.sdnotify import Notifier
 from tokend.store import Store, make_engine
+from tokend.testing import quiet_logs
 
 STATEMENT = "UPDATE grants SET refresh_token=%(p_refresh_token)s WHERE grants.id = %(g_id)s"
 

@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import text
 
 from conftest import CLIENT_ID
-from faultlib import quiet_logs
 from tokend.cli import main
 from tokend.config import Config
 from tokend.daemon import Daemon
@@ -27,7 +26,7 @@ from tokend.model import NewGrant, Status, UnreadableGrant
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
-from tokend.testing import seed_grants
+from tokend.testing import quiet_logs, seed_grants
 
 N = 12
 
