@@ -259,30 +259,12 @@ def tokend_cmd(config: Path, *args: str) -> list[str]:
 
 def pg_available(wait: float = 30.0) -> bool:
     """Reachable now or within ``wait`` seconds (other suites restart the server)."""
-    from sqlalchemy import create_engine
-
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            engine.dispose()
-            return True
-        except Exception:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1.0)
-
-
-def _pg_admin(sql: str) -> None:
-    from sqlalchemy import create_engine
-
-    pg_available(wait=120.0)
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
+    while testing.pg_problem(PG_ADMIN_URL) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 @contextlib.contextmanager
@@ -296,16 +278,13 @@ def database(backend: str, name: str, workdir: Path) -> Iterator[str]:
                 Path(f"{path}{suffix}").unlink()
         return
     db = f"bench_{name}_{os.getpid()}"
-    _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-    _pg_admin(f"CREATE DATABASE {db}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{db}"
-    finally:
-        try:
-            _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        except Exception as exc:
-            print(f"warning: could not drop database {db}: {exc}", file=sys.stderr)
+
+    def warn(exc: Exception) -> None:
+        print(f"warning: could not drop database {db}: {exc}", file=sys.stderr)
+
+    pg_available(wait=120.0)
+    with testing.pg_database(PG_ADMIN_URL, db, on_drop_error=warn) as url:
+        yield url
 
 
 @contextlib.contextmanager

@@ -8,75 +8,39 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import Config, load_config
 from tokend.fake import FakeJustimmo
 from tokend.store import Store, open_store
-from tokend.testing import CLIENT_ID, CLIENT_SECRET, make_key_file, write_config
+from tokend.testing import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    make_key_file,
+    pg_database,
+    pg_problem,
+    reset_pg,
+    write_config,
+)
 
 PG_URL = os.environ.get("TOKEND_TEST_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _pg_reachable() -> str | None:
-    try:
-        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-        return None
-    except Exception as exc:
-        return str(exc).splitlines()[0]
-
-
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A database of this test session's own (parallel runs never share tables)."""
-    problem = _pg_reachable()
+    problem = pg_problem(PG_URL)
     if problem is not None:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {PG_URL} is unreachable under CI: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")
-    name = f"tokend_test_{os.getpid()}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@contextmanager
-def own_database(base_url: str, suffix: str) -> Iterator[str]:
-    """A further database beside the session's, for fixtures that must not share tables."""
-    name = f"{make_url(base_url).database}_{suffix}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
-def reset_pg(url: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS grants, events, consent_states, replicas, alembic_version CASCADE"))
-    engine.dispose()
+    with pg_database(PG_URL, f"tokend_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -178,7 +178,7 @@ def test_database_down_at_start_is_waited_for(tmp_path: Path, key_file: Path) ->
 
 def test_two_processes_on_postgresql_never_refresh_a_grant_twice(
         tmp_path: Path, pg_url: str, key_file: Path) -> None:
-    from conftest import reset_pg
+    from tokend.testing import reset_pg
 
     reset_pg(pg_url)
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.01) as fake:

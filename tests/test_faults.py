@@ -29,7 +29,7 @@ import requests
 from sqlalchemy import create_engine
 
 import faultlib as fl
-from conftest import IN_CI, reset_pg
+from conftest import IN_CI
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
 from tokend.fake import FakeJustimmo
@@ -39,7 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port, quiet_logs, seed_grants, write_config
+from tokend.testing import free_port, quiet_logs, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 

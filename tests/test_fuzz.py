@@ -36,9 +36,9 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import make_url
 
 import faultlib as fl
-from conftest import own_database
 from tokend import cli
 from tokend.circuit import Circuit
 from tokend.config import load_config
@@ -50,7 +50,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import quiet_logs, write_config
+from tokend.testing import pg_database, quiet_logs, write_config
 
 pytestmark = [pytest.mark.faults]
 
@@ -325,7 +325,7 @@ class ProviderEnv:
 
 @pytest.fixture(scope="module")
 def penv(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderEnv]:
-    with own_database(pg_url, "provider") as url:
+    with pg_database(pg_url, f"{make_url(pg_url).database}_provider") as url:
         env = ProviderEnv(url, tmp_path_factory.mktemp("fuzz-provider"))
         yield env
         env.close()
@@ -674,7 +674,7 @@ class ImportEnv:
 @pytest.fixture(scope="module")
 def ienv(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImportEnv]:
     # A database of its own: clearing the import table must not touch penv's grant.
-    with own_database(pg_url, "imports") as url:
+    with pg_database(pg_url, f"{make_url(pg_url).database}_imports") as url:
         env = ImportEnv(url, tmp_path_factory.mktemp("fuzz-import"))
         yield env
         env.sql.close()

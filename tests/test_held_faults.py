@@ -29,12 +29,12 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 
 import faultlib as fl
-from conftest import PG_URL, reset_pg
+from conftest import PG_URL
 from tokend.config import load_config
 from tokend.crypto import generate_key
 from tokend.policy import initial
 from tokend.store import open_store
-from tokend.testing import free_port, seed_grants, write_config
+from tokend.testing import free_port, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 

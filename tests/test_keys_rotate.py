@@ -22,13 +22,12 @@ import pytest
 from sqlalchemy import event, make_url
 
 import faultlib as fl
-from conftest import reset_pg
 from tokend.config import Config, Secret, load_config
 from tokend.crypto import Cipher, generate_key
 from tokend.model import NewGrant, Outcome, Status
 from tokend.policy import initial
 from tokend.store import Store, open_store
-from tokend.testing import write_config
+from tokend.testing import reset_pg, write_config
 
 NOW = datetime.now(UTC)
 
