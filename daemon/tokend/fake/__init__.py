@@ -13,9 +13,10 @@ and hangs use real time. Control and inspection work in-process (methods) and ov
 (``/_fake/*``), so the fake can also run as a separate process:
 ``python -m tokend.fake --port 8080 --latency 0.05``.
 
-Modules: ``league`` (messages, token records, response shapes), ``faults`` (injected
-failures), ``provider`` (token state and endpoints), ``server`` (HTTP), ``control``
-(``/_fake/*``), ``__main__`` (the process).
+Modules: ``league`` (messages, token records, response shapes), ``answers`` (league's
+error and success bodies per version), ``faults`` (injected failures), ``provider`` (token
+state and endpoints), ``server`` (HTTP), ``control`` (``/_fake/*``), ``__main__`` (the
+process).
 """
 
 from tokend.fake.faults import FAULTS

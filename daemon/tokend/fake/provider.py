@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from itertools import count
 from types import TracebackType
@@ -26,15 +25,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from tokend.durations import Duration
-from tokend.fake import control, faults
+from tokend.fake import answers, control, faults
 from tokend.fake.faults import Fault
 from tokend.fake.league import (
     GRANT_TYPES,
     MSG_ACCESS_DENIED,
-    MSG_INVALID_CLIENT,
     MSG_INVALID_GRANT,
-    MSG_INVALID_REFRESH,
-    MSG_INVALID_REQUEST,
     MSG_SERVER_ERROR,
     MSG_UNSUPPORTED_GRANT,
     ONE_MONTH,
@@ -398,71 +394,6 @@ class FakeJustimmo:
                 self._c.faults_by_kind[fault.kind] += 1
             return fault
 
-    # ------------------------------------------------------------------ errors
-
-    def _error(
-        self,
-        error: str,
-        message: str,
-        status: int,
-        hint: str | None = None,
-        *,
-        authorization: str | None = None,
-    ) -> Response:
-        extra: tuple[tuple[str, str], ...] = ()
-        # 5.x-7.x always challenge on invalid_client; 8.x+ only if the client sent credentials
-        # in a header (league 7.1.1 changed it; "7" here stands for the older 7.x releases).
-        if error == "invalid_client" and (self.league in ("5", "7") or authorization):
-            scheme = "Bearer" if (authorization or "").startswith("Bearer") else "Basic"
-            extra = (("WWW-Authenticate", f'{scheme} realm="OAuth"'),)
-        payload = self._error_payload(error, message, hint)
-        return replace(json_response(status, payload, extra), error=error)
-
-    def _error_payload(self, error: str, message: str, hint: str | None) -> dict[str, str]:
-        payload = {"error": error}
-        if self.league in ("8", "9"):
-            payload["error_description"] = message
-        if self.league != "9":
-            payload["message"] = message
-        if hint is not None:
-            payload["hint"] = hint
-        return payload
-
-    def _invalid_request(self, parameter: str, hint: str | None = None) -> Response:
-        return self._error(
-            "invalid_request",
-            MSG_INVALID_REQUEST,
-            400,
-            hint or f"Check the `{parameter}` parameter",
-        )
-
-    def _invalid_client(self, authorization: str | None) -> Response:
-        return self._error("invalid_client", MSG_INVALID_CLIENT, 401, authorization=authorization)
-
-    def _bad_refresh_token(self, hint: str) -> Response:
-        if self.league == "9":
-            return self._error("invalid_grant", MSG_INVALID_REFRESH, 400, hint)
-        status = 400 if self.league == "5" else 401
-        return self._error("invalid_request", MSG_INVALID_REFRESH, status, hint)
-
-    def _bad_code(self, hint: str) -> Response:
-        # 9.1.0 turned expired/revoked codes into invalid_grant; other code errors stayed.
-        if self.league == "9" and hint.startswith(
-            ("Authorization code has expired", "Authorization code has been revoked")
-        ):
-            return self._error("invalid_grant", MSG_INVALID_GRANT, 400, hint)
-        return self._invalid_request("code", hint)
-
-    def _success(self, tokens: IssuedTokens) -> Response:
-        body: dict[str, Any] = {
-            "token_type": "Bearer",
-            "expires_in": tokens.expires_in,
-            "access_token": tokens.access_token,
-        }
-        if tokens.refresh_token is not None:
-            body["refresh_token"] = tokens.refresh_token
-        return json_response(200, body)
-
     # ------------------------------------------------------------------ endpoints
 
     def _token_request(self, form: Mapping[str, str], authorization: str | None) -> Outcome:
@@ -489,8 +420,8 @@ class FakeJustimmo:
         return faults.outcome(
             fault,
             process=lambda: self._process_token(form, authorization),
-            server_error=lambda: self._error("server_error", MSG_SERVER_ERROR, 500),
-            invalid_client=lambda: self._invalid_client(authorization),
+            server_error=lambda: answers.error(self.league, "server_error", MSG_SERVER_ERROR, 500),
+            invalid_client=lambda: answers.invalid_client(self.league, authorization),
         )
 
     def _client_credentials(
@@ -511,7 +442,7 @@ class FakeJustimmo:
     def _process_token(self, form: Mapping[str, str], authorization: str | None) -> Response:
         grant = form.get("grant_type", "")
         if grant not in GRANT_TYPES:
-            return self._error(
+            return answers.error(self.league,
                 "unsupported_grant_type",
                 MSG_UNSUPPORTED_GRANT,
                 400,
@@ -519,10 +450,10 @@ class FakeJustimmo:
             )
         client_id, secret = self._client_credentials(form, authorization)
         if client_id is None:
-            return self._invalid_request("client_id")
+            return answers.invalid_request(self.league, "client_id")
         expected = self.clients.get(client_id)
         if expected is None or secret is None or not secrets.compare_digest(expected, secret):
-            return self._invalid_client(authorization)
+            return answers.invalid_client(self.league, authorization)
         if grant == "refresh_token":
             return self._grant_refresh(form, client_id, authorization)
         if grant == "authorization_code":
@@ -530,7 +461,7 @@ class FakeJustimmo:
         now = self._now()
         with self._lock:
             (tokens,) = self._mint(client_id, [None], None, now, with_refresh=False)
-        return self._success(tokens)
+        return answers.success(tokens)
 
     def _grant_refresh(
         self, form: Mapping[str, str], client_id: str, authorization: str | None
@@ -538,10 +469,10 @@ class FakeJustimmo:
         # league compares redirect_uri with the registered one and answers invalid_client;
         # a refresh has no business sending one, so any value is treated as a mismatch.
         if "redirect_uri" in form:
-            return self._invalid_client(authorization)
+            return answers.invalid_client(self.league, authorization)
         token = form.get("refresh_token")
         if not token:
-            return self._invalid_request("refresh_token")
+            return answers.invalid_request(self.league, "refresh_token")
         now = self._now()
         hint: str | None = None
         tokens: IssuedTokens | None = None
@@ -574,13 +505,14 @@ class FakeJustimmo:
                         chain=rec.chain,
                     )
         if tokens is None:
-            return self._bad_refresh_token(hint or "Cannot decrypt the refresh token")
-        return self._success(tokens)
+            hint = hint or "Cannot decrypt the refresh token"
+            return answers.bad_refresh_token(self.league, hint)
+        return answers.success(tokens)
 
     def _grant_code(self, form: Mapping[str, str], client_id: str) -> Response:
         code = form.get("code")
         if not code:
-            return self._invalid_request("code")
+            return answers.invalid_request(self.league, "code")
         now = self._now()
         hint: str | None = None
         tokens: IssuedTokens | None = None
@@ -607,8 +539,8 @@ class FakeJustimmo:
                     client_id, [rec.user_id], rec.tenant_id, now, with_refresh=True
                 )
         if tokens is None:
-            return self._bad_code(hint or "Cannot decrypt the authorization code")
-        return self._success(tokens)
+            return answers.bad_code(self.league, hint or "Cannot decrypt the authorization code")
+        return answers.success(tokens)
 
     def _check_verifier(self, rec: Code, verifier: str | None) -> Response | None:
         """league's PKCE check of the code exchange; only when the authorize request had
@@ -616,9 +548,9 @@ class FakeJustimmo:
         if rec.code_challenge is None:
             return None
         if verifier is None:
-            return self._invalid_request("code_verifier")
+            return answers.invalid_request(self.league, "code_verifier")
         if PKCE_FORMAT.fullmatch(verifier) is None:
-            return self._invalid_request(
+            return answers.invalid_request(self.league,
                 "code_verifier", "Code Verifier must follow the specifications of RFC-7636."
             )
         if rec.code_challenge_method == "S256":
@@ -627,7 +559,7 @@ class FakeJustimmo:
         else:
             expected = verifier
         if not hmac.compare_digest(expected, rec.code_challenge):
-            return self._error(
+            return answers.error(self.league,
                 "invalid_grant", MSG_INVALID_GRANT, 400, "Failed to verify `code_verifier`."
             )
         return None
@@ -641,7 +573,7 @@ class FakeJustimmo:
         once, as the first or the chosen user.
         """
         if query.get("response_type") != "code" or "client_id" not in query:
-            return self._error(
+            return answers.error(self.league,
                 "unsupported_grant_type",
                 MSG_UNSUPPORTED_GRANT,
                 400,
@@ -649,18 +581,18 @@ class FakeJustimmo:
             )
         redirect_uri = query.get("redirect_uri")
         if query["client_id"] not in self.clients or not redirect_uri:
-            return self._invalid_client(None)
+            return answers.invalid_client(self.league, None)
         challenge = query.get("code_challenge")
         method = query.get("code_challenge_method", "plain")  # league's default, RFC 7636 4.3
         if challenge is not None:
             if method not in PKCE_METHODS:
-                return self._invalid_request(
+                return answers.invalid_request(self.league,
                     "code_challenge_method",
                     "Code challenge method must be one of "
                     + ", ".join(f"`{m}`" for m in PKCE_METHODS),
                 )
             if PKCE_FORMAT.fullmatch(challenge) is None:
-                return self._invalid_request(
+                return answers.invalid_request(self.league,
                     "code_challenge", "Code challenge must follow the specifications of RFC-7636."
                 )
         if self.consent_page and not submitted and "user_id" not in query:
@@ -672,10 +604,10 @@ class FakeJustimmo:
             except ValueError:
                 user_id = -1
             if user_id not in self.users:
-                return self._invalid_request("user_id", "Unknown user")
+                return answers.invalid_request(self.league, "user_id", "Unknown user")
         params: dict[str, str]
         if self._deny or (submitted and query.get("decision") != "approve"):
-            params = self._error_payload(
+            params = answers.error_payload(self.league,
                 "access_denied", MSG_ACCESS_DENIED, "The user denied the request"
             )
         else:
@@ -719,23 +651,21 @@ class FakeJustimmo:
 
     def _user_current(self, authorization: str | None) -> Response:
         if not authorization or not authorization.startswith("Bearer "):
-            return self._access_denied(401, 'Missing "Authorization" header')
+            return answers.access_denied(self.league, 401, 'Missing "Authorization" header')
         now = self._now()
         with self._lock:
             rec = self._access.get(authorization[7:].strip())
         # league's ResourceServer hints; all are 401 access_denied.
         if rec is None:
-            return self._access_denied(401, "Access token could not be verified")
+            return answers.access_denied(self.league, 401, "Access token could not be verified")
         if rec.revoked:
-            return self._access_denied(401, "Access token has been revoked")
+            return answers.access_denied(self.league, 401, "Access token has been revoked")
         if rec.expires_at <= now:
-            return self._access_denied(401, "Access token is invalid")
+            return answers.access_denied(self.league, 401, "Access token is invalid")
         if rec.user_id is None:
-            return self._access_denied(403, "Access token has no user (client credentials)")
+            hint = "Access token has no user (client credentials)"
+            return answers.access_denied(self.league, 403, hint)
         return json_response(200, {"id": rec.user_id, "tenant": {"id": rec.tenant_id}})
-
-    def _access_denied(self, status: int, hint: str) -> Response:
-        return self._error("access_denied", MSG_ACCESS_DENIED, status, hint)
 
     # ------------------------------------------------------------------ HTTP control
 
