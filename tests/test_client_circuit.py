@@ -88,7 +88,7 @@ class World:
         now = self.clock()
         expiry = {t.user_id: now + timedelta(minutes=30 + (t.user_id or 0) * 7 % n)
                   for t in issued}
-        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+        seed_grants(self.store, issued, self.config.schedule,
                     now=now, access_left=lambda t: expiry[t.user_id] - now,
                     age=timedelta(hours=23))
         return {k: v for k, v in expiry.items() if k is not None}

@@ -19,7 +19,6 @@ import requests
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config, load_config
 from tokend.fake import FakeJustimmo
-from tokend.policy import initial
 from tokend.store import open_store
 from tokend.testing import free_port, seed_grants, write_config
 
@@ -39,7 +38,7 @@ def seed(config: Config, fake: FakeJustimmo, n: int) -> list[str]:
     now = datetime.now(UTC)
     store = open_store(config, auto_upgrade=True)
     try:
-        seed_grants(store, issued, lambda g: initial(g, now, config.schedule), now=now,
+        seed_grants(store, issued, config.schedule, now=now,
                     access_left=timedelta(minutes=30), age=timedelta(hours=3))
     finally:
         store.close()

@@ -88,7 +88,7 @@ class World:
     def seed(self, n: int) -> None:
         issued = self.fake.issue(n)
         now = datetime.now(UTC)
-        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+        seed_grants(self.store, issued, self.config.schedule,
                     now=now, age=timedelta(hours=23))
 
     def daemon(self, *args: str, name: str) -> fl.Daemon:

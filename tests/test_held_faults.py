@@ -32,7 +32,6 @@ import faultlib as fl
 from conftest import PG_URL
 from tokend.config import load_config
 from tokend.crypto import generate_key
-from tokend.policy import initial
 from tokend.store import open_store
 from tokend.testing import free_port, reset_pg, seed_grants, write_config
 
@@ -130,7 +129,7 @@ class Setup:
     def seed(self, n: int) -> None:
         issued = self.fake.issue(n)
         now = datetime.now(UTC)
-        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+        seed_grants(self.store, issued, self.config.schedule,
                     now=now, age=timedelta(hours=23))
 
     def daemon(self, name: str) -> fl.Daemon:

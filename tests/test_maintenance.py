@@ -16,7 +16,6 @@ from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import Grant, Outcome, Status
-from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
 from tokend.testing import seed_grants
@@ -52,7 +51,7 @@ class Env:
         issued = self.fake.issue_many(CLIENT_ID, n, user_id_start=1, **kw)
         now = datetime.now(UTC)
         # due: the access token has less than refresh_before left
-        seed_grants(self.store, issued, lambda g: initial(g, now, self.config.schedule),
+        seed_grants(self.store, issued, self.config.schedule,
                     now=now, access_left=timedelta(hours=1) if due else timedelta(hours=20))
         return issued
 

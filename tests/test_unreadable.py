@@ -23,7 +23,6 @@ from tokend.daemon import Daemon
 from tokend.errors import GrantUnreadable
 from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant, Status, UnreadableGrant
-from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
 from tokend.testing import quiet_logs, seed_grants
@@ -35,7 +34,7 @@ def seed(store: Store, config: Config, fake: FakeJustimmo, n: int = N) -> list[i
     """n grants, all due now (the access token has an hour left)."""
     issued = fake.issue_many(CLIENT_ID, n, user_id_start=1)
     now = datetime.now(UTC)
-    return seed_grants(store, issued, lambda g: initial(g, now, config.schedule), now=now)
+    return seed_grants(store, issued, config.schedule, now=now)
 
 
 def corrupt(store: Store, ids: list[int]) -> dict[int, str]:

@@ -27,9 +27,11 @@ from typing import Any, Literal, TextIO
 
 from sqlalchemy import create_engine, make_url, text
 
+from tokend.config import ScheduleConfig
 from tokend.crypto import generate_key
 from tokend.fake import IssuedTokens
-from tokend.model import NewGrant
+from tokend.model import Grant, NewGrant, Status
+from tokend.policy import initial
 from tokend.store import Decide, Store
 
 CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
@@ -171,7 +173,7 @@ def issued_tokens(issued: IssuedTokens | Mapping[str, Any]) -> IssuedTokens:
 def seed_grants(
     store: Store,
     issued: Iterable[IssuedTokens | Mapping[str, Any]],
-    decide: Decide,
+    decide: Decide | ScheduleConfig,
     *,
     now: datetime | None = None,
     access_left: timedelta | Callable[[IssuedTokens], timedelta] = timedelta(hours=1),
@@ -181,13 +183,19 @@ def seed_grants(
     """Store an authorization-code grant of ``client`` for each of ``issued`` (one
     transaction) and return their ids. The access token has ``access_left`` (a duration,
     or one per token), it was obtained ``age`` ago; ``decide`` is the store's decision
-    for new rows (``lambda g: policy.initial(g, now, config.schedule)``, or a fixed one)."""
-    now = now or datetime.now(UTC)
+    for new rows, or a schedule: then the daemon's own (``policy.initial`` at ``now``)."""
+    at = now or datetime.now(UTC)
+    if isinstance(decide, ScheduleConfig):
+        schedule = decide
+
+        def decide(grant: Grant) -> tuple[Status, str | None, datetime | None]:
+            return initial(grant, at, schedule)
+
     tokens = [issued_tokens(t) for t in issued]
     news = [NewGrant(
         client=client, grant_type="authorization_code", access_token=t.access_token,
-        access_expires_at=now + (access_left(t) if callable(access_left) else access_left),
-        obtained_at=now - age, refresh_token=t.refresh_token,
+        access_expires_at=at + (access_left(t) if callable(access_left) else access_left),
+        obtained_at=at - age, refresh_token=t.refresh_token,
         refresh_expires_at=t.refresh_expires_at, user_id=str(t.user_id),
         tenant_id=str(t.tenant_id)) for t in tokens]
     return store.insert_grants(news, decide)
