@@ -30,7 +30,7 @@ from .daemon import Daemon
 from .durations import Duration
 from .fake import FakeJustimmo
 from .store import open_store
-from .testing import CLIENT_ID, CLIENT_SECRET, write_config
+from .testing import CLIENT_ID, CLIENT_SECRET, free_port, write_config
 
 SECRET_FILE = "demo-secret"  # beside the config, as an operator would keep it
 USERS = {1001: 501, 1002: 501, 1003: 502, 1004: 503}
@@ -74,12 +74,7 @@ def _devnull() -> str:
 
 
 def _free_redirect() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/callback"
+    return f"http://127.0.0.1:{free_port()}/callback"
 
 
 def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
