@@ -39,7 +39,7 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port, quiet_logs, reset_pg, seed_grants, write_config
+from tokend.testing import free_port, make_key_file, quiet_logs, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -71,9 +71,7 @@ class World:
                  access_ttl: float = 86400.0, **config: Any) -> None:
         self.workdir = workdir
         self.db_url = db_url
-        self.key = workdir / "tokend-key"
-        self.key.write_text(generate_key() + "\n")
-        self.key.chmod(0o600)
+        self.key = make_key_file(workdir / "tokend-key")
         self.fake = fl.FakeProcess(workdir, latency=latency, access_ttl=access_ttl)
         self.config_path = write_config(
             workdir / "tokend.toml", db_url=db_url, token_url=self.fake.token_url,
@@ -86,10 +84,8 @@ class World:
         self.daemons: list[fl.Daemon] = []
 
     def seed(self, n: int) -> None:
-        issued = self.fake.issue(n)
-        now = datetime.now(UTC)
-        seed_grants(self.store, issued, self.config.schedule,
-                    now=now, age=timedelta(hours=23))
+        seed_grants(self.store, self.fake.issue(n), self.config.schedule,
+                    age=timedelta(hours=23))
 
     def daemon(self, *args: str, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, *args, log=self.workdir / f"{name}.log")

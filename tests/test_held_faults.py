@@ -31,9 +31,8 @@ from sqlalchemy import create_engine, make_url, text
 import faultlib as fl
 from conftest import PG_URL
 from tokend.config import load_config
-from tokend.crypto import generate_key
 from tokend.store import open_store
-from tokend.testing import free_port, reset_pg, seed_grants, write_config
+from tokend.testing import free_port, make_key_file, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -113,9 +112,7 @@ class Setup:
     def __init__(self, workdir: Path, pg: str, daemon_url: str) -> None:
         self.workdir = workdir
         self.pg = pg
-        key = workdir / "tokend-key"
-        key.write_text(generate_key() + "\n")
-        key.chmod(0o600)
+        key = make_key_file(workdir / "tokend-key")
         self.fake = fl.FakeProcess(workdir, latency=LATENCY)
         self.config_path = write_config(
             workdir / "tokend.toml", db_url=daemon_url, token_url=self.fake.token_url,
@@ -127,10 +124,8 @@ class Setup:
         self.daemons: list[fl.Daemon] = []
 
     def seed(self, n: int) -> None:
-        issued = self.fake.issue(n)
-        now = datetime.now(UTC)
-        seed_grants(self.store, issued, self.config.schedule,
-                    now=now, age=timedelta(hours=23))
+        seed_grants(self.store, self.fake.issue(n), self.config.schedule,
+                    age=timedelta(hours=23))
 
     def daemon(self, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, "run", log=self.workdir / f"{name}.log")
