@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,7 +40,6 @@ from common import (
     median,
     open_bench_store,
     parse_args,
-    quiet_logs,
     ratio_line,
     seed_due,
     workdir,
@@ -50,6 +50,7 @@ from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import quiet_logs
 
 _users = itertools.count()
 
@@ -141,21 +142,21 @@ def main() -> None:
                 path = write_config(wd, url, token_url=fake.token_url, concurrency=8,
                                     rate_limit=0)
                 config = load(path)
-                sink = quiet_logs(config)
-                store = open_bench_store(config, pool_size=10)
-                try:
-                    tokend_pass(store, path, fake, 50)  # warm-up: imports, caches
-                    minimal_loop(store, url, fake, 50)
-                    t_cpu, m_cpu = [], []
-                    for i in range(rounds):
-                        t_cpu.append(tokend_pass(store, path, fake, n))
-                        m_cpu.append(minimal_loop(store, url, fake, n))
-                        print(f"  round {i + 1}: tokend {t_cpu[-1] * 1000:.3f} ms/refresh, "
-                              f"minimal {m_cpu[-1] * 1000:.3f} ms/refresh, "
-                              f"ratio {t_cpu[-1] / m_cpu[-1]:.2f}", flush=True)
-                finally:
-                    store.close()
-                    sink.close()
+                with open(os.devnull, "w") as devnull, \
+                        quiet_logs(config.logging.level, sink=devnull):
+                    store = open_bench_store(config, pool_size=10)
+                    try:
+                        tokend_pass(store, path, fake, 50)  # warm-up: imports, caches
+                        minimal_loop(store, url, fake, 50)
+                        t_cpu, m_cpu = [], []
+                        for i in range(rounds):
+                            t_cpu.append(tokend_pass(store, path, fake, n))
+                            m_cpu.append(minimal_loop(store, url, fake, n))
+                            print(f"  round {i + 1}: tokend {t_cpu[-1] * 1000:.3f} ms/refresh, "
+                                  f"minimal {m_cpu[-1] * 1000:.3f} ms/refresh, "
+                                  f"ratio {t_cpu[-1] / m_cpu[-1]:.2f}", flush=True)
+                    finally:
+                        store.close()
             # each round's pair ran back to back: the median of the per-round ratios is
             # the figure least disturbed by the machine's neighbours
             ratios[backend] = median([t / m for t, m in zip(t_cpu, m_cpu, strict=True)])

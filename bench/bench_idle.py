@@ -12,7 +12,6 @@ Target: < 1 % of one core.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import time
 
@@ -32,13 +31,9 @@ from common import (
     write_config,
 )
 
+from tokend.testing import free_port
+
 GRANTS = 10_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def stop_all(procs: dict[str, tuple[subprocess.Popen[bytes], str]]) -> None:
@@ -65,7 +60,7 @@ def main() -> None:
         for backend in names:
             port = free_port()
             path = write_config(wd, urls[backend], token_url="http://127.0.0.1:9/t",
-                                metrics_listen=f"127.0.0.1:{port}", rate_limit=0,
+                                listen=f"127.0.0.1:{port}", rate_limit=0,
                                 name=f"{backend}.toml")
             store = open_bench_store(load(path))
             try:

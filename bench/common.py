@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks in ``bench/``.
 
-* :class:`Fake` runs the fake Justimmo (``python -m tokend.fake_provider``) in its OWN
+* :class:`Fake` runs the fake Justimmo (``python -m tokend.fake``) in its OWN
   process on a local port, so its CPU never counts as tokend's, and drives it through its
   HTTP control endpoints (``/_fake/stats``, ``/_fake/issue``, ...).
 * :func:`database` gives a fresh database per benchmark: a SQLite file in a temp dir, or
@@ -27,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,14 +41,14 @@ from sqlalchemy import text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "daemon"))  # works from a plain checkout too
 
+from tokend import testing  # noqa: E402
 from tokend.config import Config, load_config  # noqa: E402
-from tokend.crypto import generate_key  # noqa: E402
-from tokend.model import NewGrant, Status  # noqa: E402
+from tokend.model import Status  # noqa: E402
 from tokend.store import Store, open_store  # noqa: E402
+from tokend.testing import CLIENT_ID, CLIENT_SECRET, make_key_file  # noqa: E402
 
 PY = sys.executable
 TOKEND = str(Path(sys.executable).with_name("tokend"))
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
 PG_ADMIN_URL = os.environ.get("TOKEND_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # tokend's SQLite timestamp text (tokend.schema)
@@ -118,7 +117,7 @@ class Fake:
 
     def __init__(self, *, latency: float = 0.0, access_ttl: float = 86400.0) -> None:
         self.proc = subprocess.Popen(
-            [PY, "-m", "tokend.fake_provider", "--port", "0", "--latency", str(latency),
+            [PY, "-m", "tokend.fake", "--port", "0", "--latency", str(latency),
              "--access-ttl", str(access_ttl), "--client", f"{CLIENT_ID}:{CLIENT_SECRET}"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT / "daemon")},
@@ -260,30 +259,12 @@ def tokend_cmd(config: Path, *args: str) -> list[str]:
 
 def pg_available(wait: float = 30.0) -> bool:
     """Reachable now or within ``wait`` seconds (other suites restart the server)."""
-    from sqlalchemy import create_engine
-
     deadline = time.monotonic() + wait
-    while True:
-        try:
-            engine = create_engine(PG_ADMIN_URL, connect_args={"connect_timeout": 3})
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
-            engine.dispose()
-            return True
-        except Exception:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1.0)
-
-
-def _pg_admin(sql: str) -> None:
-    from sqlalchemy import create_engine
-
-    pg_available(wait=120.0)
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
+    while testing.pg_problem(PG_ADMIN_URL) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1.0)
+    return True
 
 
 @contextlib.contextmanager
@@ -297,16 +278,13 @@ def database(backend: str, name: str, workdir: Path) -> Iterator[str]:
                 Path(f"{path}{suffix}").unlink()
         return
     db = f"bench_{name}_{os.getpid()}"
-    _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-    _pg_admin(f"CREATE DATABASE {db}")
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{db}"
-    finally:
-        try:
-            _pg_admin(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
-        except Exception as exc:
-            print(f"warning: could not drop database {db}: {exc}", file=sys.stderr)
+
+    def warn(exc: Exception) -> None:
+        print(f"warning: could not drop database {db}: {exc}", file=sys.stderr)
+
+    pg_available(wait=120.0)
+    with testing.pg_database(PG_ADMIN_URL, db, on_drop_error=warn) as url:
+        yield url
 
 
 @contextlib.contextmanager
@@ -318,49 +296,12 @@ def workdir(prefix: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_config(directory: Path, db_url: str, *, token_url: str, rate_limit: float = 0,
-                 concurrency: int = 8, interval: str = "60s", metrics_listen: str = "",
-                 level: str = "info", name: str = "tokend.toml", timeout: str = "10s") -> Path:
-    key = directory / "tokend-key"
-    if not key.exists():
-        key.write_text(generate_key() + "\n")
-        key.chmod(0o600)
-    base = token_url.rsplit("/", 1)[0]
-    path = directory / name
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{base}/authorize"
-        token_url = "{token_url}"
-        user_url = "{base}/oauth/user/current"
-        rate_limit = {rate_limit}
-        timeout = "{timeout}"
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-
-        [schedule]
-        interval = "{interval}"
-        concurrency = {concurrency}
-
-        [metrics]
-        listen = "{metrics_listen}"
-
-        [logging]
-        format = "json"
-        level = "{level}"
-
-        [state]
-        dir = "{path.parent / 'state'}"
-
-        [encryption]
-        key_file = "{key}"
-        """))
-    return path
+def write_config(directory: Path, db_url: str, *, name: str = "tokend.toml", **kw: Any) -> Path:
+    """:func:`tokend.testing.write_config` as the benchmarks use it: the key beside the
+    config (made once), a 10 s provider timeout unless told otherwise."""
+    kw.setdefault("timeout", "10s")
+    return testing.write_config(directory / name, db_url=db_url,
+                                key_file=make_key_file(directory / "tokend-key"), **kw)
 
 
 def load(config_path: Path) -> Config:
@@ -377,15 +318,9 @@ def seed_due(store: Store, fake: Fake, n: int, *, user_id_start: int = 1) -> lis
     if n <= 0:
         return []
     now = utcnow()
-    issued = fake.issue(n, user_id_start=user_id_start)
-    news = [NewGrant(
-        client="main", grant_type="authorization_code", access_token=t["access_token"],
-        access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=4),
-        refresh_token=t["refresh_token"],
-        refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-        user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued]
     due_at = now - timedelta(seconds=1)
-    return store.insert_grants(news, lambda _g: (Status.OK, None, due_at))
+    return testing.seed_grants(store, fake.issue(n, user_id_start=user_id_start),
+                               lambda _g: (Status.OK, None, due_at), now=now)
 
 
 def dummy_tokens(store: Store) -> tuple[str, str]:
@@ -457,12 +392,3 @@ def bulk_fill(store: Store, n: int, *, user_id_start: int, due: int = 0,
 def count_rows(store: Store) -> int:
     with store.engine.connect() as conn:
         return int(conn.execute(text("SELECT count(*) FROM grants")).scalar_one())
-
-
-def quiet_logs(config: Config) -> Any:
-    """tokend's real log set-up (JSON lines, info), written to /dev/null."""
-    from tokend import logs
-
-    sink = open(os.devnull, "w")  # noqa: SIM115 - lives for the whole benchmark
-    logs.configure(config.logging, stream=sink)
-    return sink

@@ -7,78 +7,40 @@ only when it is unreachable AND ``CI`` is unset; under CI an unreachable server 
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import Config, load_config
-from tokend.crypto import generate_key
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.store import Store, open_store
+from tokend.testing import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    make_key_file,
+    pg_database,
+    pg_problem,
+    reset_pg,
+    write_config,
+)
 
 PG_URL = os.environ.get("TOKEND_TEST_DATABASE_URL",
                         "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
-
-
-def _pg_reachable() -> str | None:
-    try:
-        engine = create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-        engine.dispose()
-        return None
-    except Exception as exc:
-        return str(exc).splitlines()[0]
 
 
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A database of this test session's own (parallel runs never share tables)."""
-    problem = _pg_reachable()
+    problem = pg_problem(PG_URL)
     if problem is not None:
         if IN_CI:
             pytest.fail(f"PostgreSQL at {PG_URL} is unreachable under CI: {problem}")
         pytest.skip(f"PostgreSQL unreachable: {problem}")
-    name = f"tokend_test_{os.getpid()}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@contextmanager
-def own_database(base_url: str, suffix: str) -> Iterator[str]:
-    """A further database beside the session's, for fixtures that must not share tables."""
-    name = f"{make_url(base_url).database}_{suffix}"
-    admin = create_engine(base_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        yield make_url(base_url).set(database=name).render_as_string(hide_password=False)
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
-def reset_pg(url: str) -> None:
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS grants, events, consent_states, replicas, alembic_version CASCADE"))
-    engine.dispose()
+    with pg_database(PG_URL, f"tokend_test_{os.getpid()}") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -94,61 +56,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def key_file(tmp_path: Path) -> Path:
-    path = tmp_path / "tokend-key"
-    path.write_text(generate_key() + "\n")
-    path.chmod(0o600)
-    return path
-
-
-def write_config(tmp_path: Path, db_url: str, *, fake: FakeJustimmo | None = None,
-                 extra: str = "", schedule: str = "", provider: str = "",
-                 client: str = "", key_file: Path | None = None) -> Path:
-    token_url = fake.token_url if fake else "http://127.0.0.1:9/access_token"
-    authorize_url = fake.authorize_url if fake else "http://127.0.0.1:9/authorize"
-    user_url = fake.user_url if fake else "http://127.0.0.1:9/oauth/user/current"
-    path = tmp_path / "tokend.toml"
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{authorize_url}"
-        token_url = "{token_url}"
-        user_url = "{user_url}"
-        rate_limit = 0
-        timeout = "5s"
-        {provider}
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-        {client}
-
-        [schedule]
-        interval = "60s"
-        {schedule}
-
-        [metrics]
-        listen = ""
-
-        [logging]
-        format = "json"
-        level = "info"
-
-        [state]
-        dir = "{tmp_path / 'state'}"
-
-        [encryption]
-        key_file = "{key_file or tmp_path / 'tokend-key'}"
-        """) + extra)
-    return path
+    return make_key_file(tmp_path / "tokend-key")
 
 
 @pytest.fixture
 def make_config(tmp_path: Path, db_url: str, key_file: Path) -> Callable[..., Config]:
-    def make(**kwargs: Any) -> Config:
-        return load_config(write_config(tmp_path, db_url, key_file=key_file, **kwargs), env={})
+    def make(*, fake: FakeJustimmo | None = None, **kwargs: Any) -> Config:
+        if fake is not None:
+            kwargs["token_url"] = fake.token_url
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file, **kwargs)
+        return load_config(path, env={})
 
     return make
 

@@ -1,6 +1,6 @@
 """Helpers of the fault-injection suite (``tests/test_faults.py``, ``tests/test_fuzz.py``).
 
-* :class:`FakeProcess`: the fake Justimmo (:class:`tokend.fake_provider.FakeJustimmo`)
+* :class:`FakeProcess`: the fake Justimmo (:class:`tokend.fake.FakeJustimmo`)
   as a process of its own, driven over its ``/_fake/*`` HTTP control API. Run as
   ``python tests/faultlib.py fake ...`` it is the stock fake plus one read-only control
   endpoint, ``POST /_fake/valid``, that answers for a list of (user id, refresh token)
@@ -19,7 +19,6 @@ Every wait here is bounded in time; every process is started by us and ended by 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import shutil
@@ -27,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections import deque
@@ -41,19 +39,12 @@ from typing import Any
 import requests
 from sqlalchemy import Engine, create_engine, text
 
-from tokend.fake_provider import ManualClock
+from tokend.testing import CLIENT_ID, CLIENT_SECRET, ManualClock
 
 HERE = Path(__file__).resolve().parent
 PYTHON = sys.executable
 TOKEND = str(Path(PYTHON).with_name("tokend")) if Path(PYTHON).with_name("tokend").exists() \
     else (shutil.which("tokend") or "tokend")
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, *, interval: float = 0.05,
@@ -237,49 +228,6 @@ def tokend(config: Path, *args: str, timeout: float = 120.0,
 # --------------------------------------------------------------------------- config
 
 
-def write_config(path: Path, *, db_url: str, token_url: str, key_file: Path,
-                 concurrency: int = 8, interval: str = "60s", retry_max: str = "15m",
-                 timeout: str = "5s", listen: str = "", level: str = "info",
-                 extra_schedule: str = "") -> Path:
-    base = token_url.rsplit("/", 1)[0]
-    path.write_text(textwrap.dedent(f"""\
-        [database]
-        url = "{db_url}"
-
-        [provider]
-        authorize_url = "{base}/authorize"
-        token_url = "{token_url}"
-        user_url = "{base}/oauth/user/current"
-        rate_limit = 0
-        timeout = "{timeout}"
-
-        [clients.main]
-        client_id = "{CLIENT_ID}"
-        client_secret = "{CLIENT_SECRET}"
-        redirect_uri = "http://127.0.0.1:8765/callback"
-
-        [schedule]
-        interval = "{interval}"
-        retry_max = "{retry_max}"
-        concurrency = {concurrency}
-        {extra_schedule}
-
-        [metrics]
-        listen = "{listen}"
-
-        [logging]
-        format = "json"
-        level = "{level}"
-
-        [state]
-        dir = "{path.parent / 'state'}"
-
-        [encryption]
-        key_file = "{key_file}"
-        """))
-    return path
-
-
 # --------------------------------------------------------------------------- PostgreSQL
 
 
@@ -372,29 +320,6 @@ def pg_online(cluster: tuple[str, str]) -> bool:
 
 
 # --------------------------------------------------------------------------- logs
-
-
-@contextlib.contextmanager
-def quiet_logs(level: str = "error") -> Iterator[io.StringIO]:
-    """tokend's in-process logs into a buffer (JSON, ``level`` and up), restored afterwards."""
-    import logging
-
-    import structlog
-
-    from tokend import logs
-    from tokend.config import LoggingConfig
-
-    root = logging.getLogger()
-    handlers, root_level = root.handlers[:], root.level
-    previous = structlog.get_config()
-    sink = io.StringIO()
-    logs.configure(LoggingConfig(format="json", level=level), stream=sink)
-    try:
-        yield sink
-    finally:
-        structlog.configure(**previous)
-        root.handlers[:] = handlers
-        root.setLevel(root_level)
 
 
 # --------------------------------------------------------------------------- time
@@ -494,7 +419,7 @@ class ScriptedServer:
 def _fake_main(argv: Sequence[str]) -> int:
     import argparse
 
-    from tokend.fake_provider import FakeJustimmo, _json_response
+    from tokend.fake import FakeJustimmo, json_response
 
     class CheckingFake(FakeJustimmo):
         def _control(self, method: str, path: str, payload: Any) -> Any:
@@ -505,7 +430,7 @@ def _fake_main(argv: Sequence[str]) -> int:
                     valid = self.refresh_token_valid(token)
                     head = self.current_refresh_token(user_id, client_id)
                     out.append([valid, head == token])
-                return _json_response(200, out)
+                return json_response(200, out)
             return super()._control(method, path, payload)
 
     p = argparse.ArgumentParser(prog="faultlib fake")

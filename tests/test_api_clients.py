@@ -22,12 +22,11 @@ from faultlib import (
     FakeProcess,
     Proc,
     clean_env,
-    free_port,
     tokend,
     wait_until,
-    write_config,
 )
 from tokend.crypto import generate_key
+from tokend.testing import free_port, write_config
 
 pytestmark = pytest.mark.faults
 DOC = Path(__file__).resolve().parents[1] / "docs" / "api.md"

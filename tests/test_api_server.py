@@ -17,18 +17,19 @@ from typing import Any
 import pytest
 import requests
 
-from conftest import CLIENT_ID, CLIENT_SECRET, write_config
+from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import circuit
 from tokend.api import TokenStore, api_request
 from tokend.api_server import ApiServer
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo, IssuedTokens
+from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.model import NewGrant, Status
 from tokend.ondemand import OnDemand
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import write_config
 
 KEY_ALL = "k" * 32
 KEY_OTHER = "o" * 32  # limited to client "other"
@@ -43,7 +44,7 @@ class Env:
         keys = tmp_path / "api-keys"
         keys.write_text(f"# test keys\n{KEY_ALL}\n{KEY_OTHER} other\n")
         self.fake = fake
-        path = write_config(tmp_path, db_url, fake=fake, key_file=key_file, extra=f"""
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file, extra=f"""
 [clients.other]
 client_id = "other-id"
 client_secret = "other-secret"
@@ -359,7 +360,7 @@ def test_bad_api_config_is_one_line(tmp_path: Path, key_file: Path, api: str,
     if keys is not None:
         (tmp_path / "keys").write_text(keys)
         extra += f'key_file = "{tmp_path / "keys"}"\n'
-    path = write_config(tmp_path, f"sqlite:///{tmp_path / 't.db'}", key_file=key_file,
+    path = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 't.db'}", key_file=key_file,
                         extra=extra)
     with pytest.raises(ConfigError, match=re.escape(error)) as info:
         load_config(path, env={})

@@ -11,8 +11,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from conftest import write_config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
+from tokend.testing import write_config
 
 
 def _port() -> int:
@@ -23,7 +23,7 @@ def _port() -> int:
 
 def test_listen_without_redirect_uri_uses_the_loopback_callback(
         tmp_path: Path, db_url: str, key_file: Path, fake: FakeJustimmo) -> None:
-    path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
     path.write_text(path.read_text().replace(
         'redirect_uri = "http://127.0.0.1:8765/callback"\n', ""))
     assert "redirect_uri" not in path.read_text()
@@ -59,7 +59,7 @@ def test_listen_without_redirect_uri_uses_the_loopback_callback(
 
 def test_without_listen_or_redirect_uri_it_is_still_a_config_error(
         tmp_path: Path, db_url: str, key_file: Path, fake: FakeJustimmo) -> None:
-    path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
     path.write_text(path.read_text().replace(
         'redirect_uri = "http://127.0.0.1:8765/callback"\n', ""))
     out = subprocess.run([sys.executable, "-m", "tokend", "--config", str(path), "authorize",

@@ -36,6 +36,7 @@ from conftest import IN_CI
 from tokend.config import load_config
 from tokend.crypto import generate_key
 from tokend.store import open_store
+from tokend.testing import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.blackbox]
 
@@ -81,7 +82,7 @@ class World:
         self.db_url = db_url
         self.dot = dotlib.DotProcess(
             workdir, access_ttl=ACCESS_TTL, latency=LATENCY, pkce_required=pkce_required,
-            redirect_uri=f"http://127.0.0.1:{fl.free_port()}/callback", web_secret=web_secret)
+            redirect_uri=f"http://127.0.0.1:{free_port()}/callback", web_secret=web_secret)
         self.daemons: list[fl.Daemon] = []
         self.key = workdir / "tokend-key"
         self.key.write_text(generate_key() + "\n")

@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from conftest import CLIENT_SECRET, write_config
+from conftest import CLIENT_SECRET
 from tokend.cli import main
+from tokend.testing import write_config
 
 # Distinctive token strings: none of them may ever show up in list/show output.
 TOKENS = {
@@ -81,7 +82,7 @@ def records(now: datetime) -> list[dict[str, Any]]:
 def config(tmp_path: Path, db_url: str, key_file: Path,
            capsys: pytest.CaptureFixture[str]) -> Path:
     """A config on the backend under test, schema upgraded, two clients."""
-    path = write_config(tmp_path, db_url, key_file=key_file, extra=OTHER_CLIENT)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file, extra=OTHER_CLIENT)
     assert main(["--config", str(path), "db", "upgrade"]) == 0
     capsys.readouterr()
     return path
@@ -92,7 +93,7 @@ def config(tmp_path: Path, db_url: str, key_file: Path,
 
 def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path, key_file: Path) -> None:
     (tmp_path / "hook").write_text("hook-secret-value\n")
-    path = write_config(tmp_path, "postgresql://tokend:db-pass-value@db.example/tokend",
+    path = write_config(tmp_path / "tokend.toml", db_url="postgresql://tokend:db-pass-value@db.example/tokend",
                         key_file=key_file,
                         extra='\n[notify]\nwebhook_url = "https://hooks.example/x"\n'
                               'webhook_secret_file = "hook"\n')
@@ -113,7 +114,7 @@ def test_check_config_prints_settings_with_secrets_masked(tmp_path: Path, key_fi
 
 
 def test_check_config_masks_passwords_and_webhook_paths(tmp_path: Path, key_file: Path) -> None:
-    path = write_config(tmp_path, "postgresql://u:pa/ss#w?rd@db.example/tokend",
+    path = write_config(tmp_path / "tokend.toml", db_url="postgresql://u:pa/ss#w?rd@db.example/tokend",
                         key_file=key_file,
                         extra='\n[notify]\nwebhook_url = "https://hooks.example/T0/hook-secret"\n'
                               '[clients.other]\nclient_id = "o"\nclient_secret = "s"\n'
@@ -156,7 +157,7 @@ def test_check_config_without_a_file_shows_the_justimmo_defaults(tmp_path: Path)
 def test_a_bad_config_is_one_line_and_exit_78(tmp_path: Path, key_file: Path, extra: str,
                                               env: dict[str, str], message: str,
                                               command: list[str]) -> None:
-    path = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'db.sqlite'}", key_file=key_file)
     path.write_text(path.read_text() + extra)
     r = tokend("--config", str(path), *command, env=env)
     assert r.returncode == 78
@@ -222,7 +223,7 @@ def test_version() -> None:
 
 
 def test_db_upgrade_twice(tmp_path: Path, db_url: str, key_file: Path) -> None:
-    path = write_config(tmp_path, db_url, key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file)
     first = tokend("--config", str(path), "db", "upgrade")
     assert first.returncode == 0, first.stderr
     assert first.stdout.startswith("database schema upgraded from nothing to ")

@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
-import faultlib as fl
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import circuit
 from tokend.config import Config, Secret
-from tokend.fake_provider import FakeJustimmo, ManualClock
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import G, Store
+from tokend.testing import ManualClock, quiet_logs, seed_grants
 
 PROVIDER_SECRET = "rotated-at-the-provider"
 STEPS = [60, 120, 240, 480, 900, 900, 900]  # seconds: interval doubling up to retry_max
@@ -88,12 +88,9 @@ class World:
         now = self.clock()
         expiry = {t.user_id: now + timedelta(minutes=30 + (t.user_id or 0) * 7 % n)
                   for t in issued}
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            access_expires_at=expiry[t.user_id], obtained_at=now - timedelta(hours=23),
-            refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-            user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, issued, self.config.schedule,
+                    now=now, access_left=lambda t: expiry[t.user_id] - now,
+                    age=timedelta(hours=23))
         return {k: v for k, v in expiry.items() if k is not None}
 
     def requests(self) -> int:
@@ -118,7 +115,7 @@ class World:
 @pytest.fixture
 def world(make_config: Callable[..., Config], store_for: Callable[..., Store],
           fake: RecordingFake, clock: ManualClock) -> Iterator[World]:
-    config = make_config(fake=fake, schedule='concurrency = 4\nretry_max = "15m"')
+    config = make_config(fake=fake, schedule_extra='concurrency = 4\nretry_max = "15m"')
     w = World(config, store_for(config, clock=clock), fake, clock)
     yield w
     w.close()
@@ -142,7 +139,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
     n = 12
     expiry = world.seed(n)
     metrics = Metrics()
-    with fl.quiet_logs("info") as sink:
+    with quiet_logs("info") as sink:
         wrong = world.engine(world.config, metrics)
         at_start = blocked(metrics)
         result = wrong.run_pass()
@@ -180,7 +177,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
     world.clock.advance(5)
     fixed = with_secret(world.config, PROVIDER_SECRET, concurrency=1)
     metrics = Metrics()
-    with fl.quiet_logs("info") as sink:
+    with quiet_logs("info") as sink:
         result = world.engine(fixed, metrics).run_pass()
     assert (result.refreshed, result.failed) == (n, 0), (result, sink.getvalue()[-2000:])
     users = [user for _, user, _ in world.fake.log]
@@ -195,13 +192,13 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
 def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_it(
         make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: RecordingFake, clock: ManualClock) -> None:
-    config = make_config(fake=fake, client="client_credentials = true",
-                         schedule="concurrency = 4")
+    config = make_config(fake=fake, client_extra="client_credentials = true",
+                         schedule_extra="concurrency = 4")
     w = World(config, store_for(config, clock=clock), fake, clock)
     try:
         w.seed(5)
         metrics = Metrics()
-        with fl.quiet_logs("info"):
+        with quiet_logs("info"):
             m = w.engine(config, metrics)
             first = m.run_pass()
             # The client-credentials row (no token yet) is the most urgent: it probes.
@@ -240,7 +237,7 @@ def test_a_refused_grant_of_a_working_client_does_not_block_it(world: World) -> 
         refresh_token=issued[0].refresh_token, refresh_expires_at=issued[0].refresh_expires_at,
         user_id="50")], lambda g: initial(g, now, world.config.schedule))
     metrics = Metrics()
-    with fl.quiet_logs():
+    with quiet_logs():
         result = world.engine(world.config, metrics).run_pass()
     assert world.fake.log[0][:2] == ("refresh_token", 50)  # the probe: earliest expiry
     assert (result.refreshed, result.failures["permanent"]) == (4, 1), result

@@ -24,10 +24,11 @@ from tokend import consent, pkce, policy
 from tokend.config import Config
 from tokend.consent_server import ConsentServer
 from tokend.daemon import Daemon
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import Grant, GrantType, NewGrant, Status
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -38,12 +39,6 @@ HEADERS = {
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import CLIENT_ID, CLIENT_SECRET, write_config
+from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo
-from tokend.model import NewGrant
-from tokend.policy import initial
+from tokend.fake import FakeJustimmo
 from tokend.store import open_store
+from tokend.testing import free_port, seed_grants, write_config
 
 CONTRACT_METRICS = [
     "tokend_refresh_attempts_total", "tokend_refresh_failures_total",
@@ -33,24 +32,14 @@ CONTRACT_METRICS = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def seed(config: Config, fake: FakeJustimmo, n: int) -> list[str]:
     """n due grants; returns every secret string involved."""
     issued = fake.issue_many(CLIENT_ID, n, user_id_start=1)
     now = datetime.now(UTC)
     store = open_store(config, auto_upgrade=True)
     try:
-        store.insert_grants([NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            access_expires_at=now + timedelta(minutes=30), obtained_at=now - timedelta(hours=3),
-            refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-            user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued],
-            lambda g: initial(g, now, config.schedule))
+        seed_grants(store, issued, config.schedule, now=now,
+                    access_left=timedelta(minutes=30), age=timedelta(hours=3))
     finally:
         store.close()
     return [t.access_token for t in issued] + [t.refresh_token or "" for t in issued]
@@ -96,8 +85,8 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
     sock, sock_path = notify_socket
     port = free_port()
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.002) as fake:
-        path = write_config(tmp_path, db_url, fake=fake, key_file=key_file,
-                            client="client_credentials = true")
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file,
+                            client_extra="client_credentials = true")
         text = path.read_text().replace('listen = ""', f'listen = "127.0.0.1:{port}"')
         path.write_text(text)
         config = load_config(path, env={})
@@ -156,7 +145,7 @@ def test_run_notifies_serves_metrics_and_stops_cleanly(
 
 def test_run_once_exit_codes(tmp_path: Path, db_url: str, key_file: Path) -> None:
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}) as fake:
-        path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
         config = load_config(path, env={})
         seed(config, fake, 3)
         cmd = [sys.executable, "-m", "tokend", "--config", str(path), "run", "--once"]
@@ -170,7 +159,7 @@ def test_run_once_exit_codes(tmp_path: Path, db_url: str, key_file: Path) -> Non
 
 
 def test_database_down_at_start_is_waited_for(tmp_path: Path, key_file: Path) -> None:
-    path = write_config(tmp_path, "postgresql+psycopg://postgres@127.0.0.1:1/none",
+    path = write_config(tmp_path / "tokend.toml", db_url="postgresql+psycopg://postgres@127.0.0.1:1/none",
                         key_file=key_file)
     proc = subprocess.Popen([sys.executable, "-m", "tokend", "--config", str(path), "run"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -188,12 +177,12 @@ def test_database_down_at_start_is_waited_for(tmp_path: Path, key_file: Path) ->
 
 def test_two_processes_on_postgresql_never_refresh_a_grant_twice(
         tmp_path: Path, pg_url: str, key_file: Path) -> None:
-    from conftest import reset_pg
+    from tokend.testing import reset_pg
 
     reset_pg(pg_url)
     with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}, latency=0.01) as fake:
-        path = write_config(tmp_path, pg_url, fake=fake, key_file=key_file,
-                            schedule="concurrency = 4")
+        path = write_config(tmp_path / "tokend.toml", db_url=pg_url, token_url=fake.token_url, key_file=key_file,
+                            schedule_extra="concurrency = 4")
         config = load_config(path, env={})
         seed(config, fake, 400)
         cmd = [sys.executable, "-m", "tokend", "--config", str(path), "run", "--once"]

@@ -18,7 +18,8 @@ import requests
 from freezegun import freeze_time
 
 from tokend.durations import Duration
-from tokend.fake_provider import FakeJustimmo, ManualClock
+from tokend.fake import FakeJustimmo
+from tokend.testing import ManualClock
 
 CLIENT, SECRET = "demo-client", "demo-secret"
 REDIRECT = "http://127.0.0.1:8765/callback"
@@ -625,7 +626,7 @@ def test_cli_runs_until_sigterm() -> None:
         [
             sys.executable,
             "-m",
-            "tokend.fake_provider",
+            "tokend.fake",
             "--port",
             "0",
             "--access-ttl",

@@ -29,16 +29,17 @@ import requests
 from sqlalchemy import create_engine
 
 import faultlib as fl
-from conftest import IN_CI, reset_pg
+from conftest import IN_CI
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
+from tokend.testing import free_port, make_key_file, quiet_logs, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -70,11 +71,9 @@ class World:
                  access_ttl: float = 86400.0, **config: Any) -> None:
         self.workdir = workdir
         self.db_url = db_url
-        self.key = workdir / "tokend-key"
-        self.key.write_text(generate_key() + "\n")
-        self.key.chmod(0o600)
+        self.key = make_key_file(workdir / "tokend-key")
         self.fake = fl.FakeProcess(workdir, latency=latency, access_ttl=access_ttl)
-        self.config_path = fl.write_config(
+        self.config_path = write_config(
             workdir / "tokend.toml", db_url=db_url, token_url=self.fake.token_url,
             key_file=self.key, concurrency=CONCURRENCY, **config)
         self.config: Config = load_config(self.config_path, env={})
@@ -85,15 +84,8 @@ class World:
         self.daemons: list[fl.Daemon] = []
 
     def seed(self, n: int) -> None:
-        issued = self.fake.issue(n)
-        now = datetime.now(UTC)
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t["access_token"],
-            access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=23),
-            refresh_token=t["refresh_token"],
-            refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-            user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, self.fake.issue(n), self.config.schedule,
+                    age=timedelta(hours=23))
 
     def daemon(self, *args: str, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, *args, log=self.workdir / f"{name}.log")
@@ -446,7 +438,7 @@ def test_database_outage_mid_pass_loses_no_rotated_token(tmp_path: Path, pg: str
     if "127.0.0.1:5432" not in pg and "localhost:5432" not in pg:
         pytest.skip("TOKEND_TEST_DATABASE_URL is not the local cluster")
     n = 1000
-    port = fl.free_port()
+    port = free_port()
     world = World(tmp_path, pg, interval="5s", listen=f"127.0.0.1:{port}")
     probe = requests.Session()
     probe.trust_env = False
@@ -563,13 +555,13 @@ def test_a_day_of_provider_outages(tmp_path: Path, pg: str) -> None:
     fake = RecordingFake(clients={fl.CLIENT_ID: fl.CLIENT_SECRET}, clock=clock,
                          request_times_limit=0)
     fake.start()
-    path = fl.write_config(tmp_path / "tokend.toml", db_url=pg, token_url=fake.token_url,
+    path = write_config(tmp_path / "tokend.toml", db_url=pg, token_url=fake.token_url,
                            key_file=key, interval="5m", retry_max="1h", timeout="1s")
     config = load_config(path, env={})
     store = open_store(config, clock=clock, auto_upgrade=True)
     provider = ProviderClient(config.provider, pool_size=CONCURRENCY, clock=clock)
     engine = Maintenance(config, store, provider, metrics=Metrics(), rand=rng.random)
-    quiet = fl.quiet_logs()
+    quiet = quiet_logs()
     quiet.__enter__()
 
     # 48 healthy grants whose access tokens come due one every 30 min of the day (from

@@ -17,6 +17,7 @@ from tokend.crypto import generate_key
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import open_store
+from tokend.testing import write_config
 
 pytestmark = [pytest.mark.faults]
 
@@ -33,7 +34,7 @@ def test_restart_after_fixing_the_secret_refreshes_every_grant_at_once(
     fake = fl.FakeProcess(tmp_path)
     daemons: list[fl.Daemon] = []
     try:
-        path = fl.write_config(tmp_path / "tokend.toml", db_url=db_url,
+        path = write_config(tmp_path / "tokend.toml", db_url=db_url,
                                token_url=fake.token_url, key_file=key, interval="2s",
                                retry_max="15m")
         good = path.read_text()

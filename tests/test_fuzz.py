@@ -36,9 +36,9 @@ from unittest import mock
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import make_url
 
 import faultlib as fl
-from conftest import own_database
 from tokend import cli
 from tokend.circuit import Circuit
 from tokend.config import load_config
@@ -50,13 +50,14 @@ from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
+from tokend.testing import pg_database, quiet_logs, write_config
 
 pytestmark = [pytest.mark.faults]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_logs() -> Iterator[None]:
-    with fl.quiet_logs():
+    with quiet_logs():
         yield
 
 
@@ -273,7 +274,7 @@ class ProviderEnv:
         key = workdir / "tokend-key"
         key.write_text(generate_key() + "\n")
         self.server = fl.ScriptedServer().__enter__()
-        path = fl.write_config(workdir / "tokend.toml", db_url=pg, token_url=self.server.url,
+        path = write_config(workdir / "tokend.toml", db_url=pg, token_url=self.server.url,
                                key_file=key, timeout="3s")
         self.config = load_config(path, env={})
         self.store: Store = open_store(self.config, auto_upgrade=True)
@@ -324,7 +325,7 @@ class ProviderEnv:
 
 @pytest.fixture(scope="module")
 def penv(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProviderEnv]:
-    with own_database(pg_url, "provider") as url:
+    with pg_database(pg_url, f"{make_url(pg_url).database}_provider") as url:
         env = ProviderEnv(url, tmp_path_factory.mktemp("fuzz-provider"))
         yield env
         env.close()
@@ -652,7 +653,7 @@ class ImportEnv:
         key = workdir / "tokend-key"
         key.write_text(generate_key() + "\n")
         self.workdir = workdir
-        self.config = fl.write_config(workdir / "tokend.toml", db_url=pg,
+        self.config = write_config(workdir / "tokend.toml", db_url=pg,
                                       token_url="http://127.0.0.1:9/access_token", key_file=key)
         done = fl.tokend(self.config, "db", "upgrade")
         assert done.returncode == 0, done.stderr
@@ -673,7 +674,7 @@ class ImportEnv:
 @pytest.fixture(scope="module")
 def ienv(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImportEnv]:
     # A database of its own: clearing the import table must not touch penv's grant.
-    with own_database(pg_url, "imports") as url:
+    with pg_database(pg_url, f"{make_url(pg_url).database}_imports") as url:
         env = ImportEnv(url, tmp_path_factory.mktemp("fuzz-import"))
         yield env
         env.sql.close()

@@ -19,16 +19,16 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from conftest import CLIENT_ID
-from faultlib import quiet_logs
 from test_maintenance import Env
 from tokend import logs
 from tokend.config import Config, Secret
 from tokend.crypto import Cipher, generate_key
 from tokend.errors import StoreError
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
 from tokend.sdnotify import SystemdNotifier
 from tokend.store import Store, make_engine
+from tokend.testing import quiet_logs
 
 STATEMENT = "UPDATE grants SET refresh_token=%(p_refresh_token)s WHERE grants.id = %(g_id)s"
 
@@ -86,7 +86,7 @@ class FaultyStore(Store):
 @pytest.fixture
 def env(make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: FakeJustimmo) -> Iterator[Env]:
-    e = Env(make_config(fake=fake, schedule="concurrency = 4"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, schedule_extra="concurrency = 4"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     yield e
     e.close()

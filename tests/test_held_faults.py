@@ -29,12 +29,10 @@ import pytest
 from sqlalchemy import create_engine, make_url, text
 
 import faultlib as fl
-from conftest import PG_URL, reset_pg
+from conftest import PG_URL
 from tokend.config import load_config
-from tokend.crypto import generate_key
-from tokend.model import NewGrant
-from tokend.policy import initial
 from tokend.store import open_store
+from tokend.testing import free_port, make_key_file, reset_pg, seed_grants, write_config
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -48,7 +46,7 @@ class Proxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.port = fl.free_port()
+        self.port = free_port()
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
         self._listener: socket.socket | None = None
@@ -114,11 +112,9 @@ class Setup:
     def __init__(self, workdir: Path, pg: str, daemon_url: str) -> None:
         self.workdir = workdir
         self.pg = pg
-        key = workdir / "tokend-key"
-        key.write_text(generate_key() + "\n")
-        key.chmod(0o600)
+        key = make_key_file(workdir / "tokend-key")
         self.fake = fl.FakeProcess(workdir, latency=LATENCY)
-        self.config_path = fl.write_config(
+        self.config_path = write_config(
             workdir / "tokend.toml", db_url=daemon_url, token_url=self.fake.token_url,
             key_file=key, concurrency=8, interval="2s")
         self.config = load_config(self.config_path, env={"TOKEND_DATABASE__URL": pg})
@@ -128,15 +124,8 @@ class Setup:
         self.daemons: list[fl.Daemon] = []
 
     def seed(self, n: int) -> None:
-        issued = self.fake.issue(n)
-        now = datetime.now(UTC)
-        self.store.insert_grants([NewGrant(
-            client="main", grant_type="authorization_code", access_token=t["access_token"],
-            access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=23),
-            refresh_token=t["refresh_token"],
-            refresh_expires_at=datetime.fromisoformat(t["refresh_expires_at"]),
-            user_id=str(t["user_id"]), tenant_id=str(t["tenant_id"])) for t in issued],
-            lambda g: initial(g, now, self.config.schedule))
+        seed_grants(self.store, self.fake.issue(n), self.config.schedule,
+                    age=timedelta(hours=23))
 
     def daemon(self, name: str) -> fl.Daemon:
         d = fl.Daemon(self.config_path, "run", log=self.workdir / f"{name}.log")

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from freezegun import freeze_time
 
-from conftest import write_config
 from tokend.cli import main
 from tokend.config import Config, load_config
 from tokend.store import Store
+from tokend.testing import write_config
 
 NOW = datetime(2024, 1, 31, 12, 0, tzinfo=UTC)  # the end of a long month, in a leap year
 OTHER_CLIENT = '\n[clients.other]\nclient_id = "other-id"\nclient_secret = "other-secret"\n'
@@ -34,14 +34,14 @@ def good(n: int = 0, **changes: Any) -> dict[str, Any]:
 @pytest.fixture
 def config_path(tmp_path: Path, key_file: Path) -> Path:
     """SQLite: for what does not depend on the backend (validation happens before the store)."""
-    return write_config(tmp_path, f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key_file,
+    return write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key_file,
                         extra=OTHER_CLIENT)
 
 
 @pytest.fixture
 def backend_config(tmp_path: Path, db_url: str, key_file: Path,
                    capsys: pytest.CaptureFixture[str]) -> Path:
-    path = write_config(tmp_path, db_url, key_file=key_file, extra=OTHER_CLIENT)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file, extra=OTHER_CLIENT)
     assert main(["--config", str(path), "db", "upgrade"]) == 0
     capsys.readouterr()
     return path
@@ -154,8 +154,8 @@ def test_stored_values(capsys: pytest.CaptureFixture[str], backend_config: Path,
 
 def test_refresh_expiry_follows_the_configured_ttl(capsys: pytest.CaptureFixture[str],
                                                    tmp_path: Path, key_file: Path) -> None:
-    path = write_config(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", key_file=key_file,
-                        provider='refresh_token_ttl = "P1Y"')
+    path = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'db.sqlite'}", key_file=key_file,
+                        provider_extra='refresh_token_ttl = "P1Y"')
     with freeze_time(datetime(2024, 2, 29, 6, 0, tzinfo=UTC)):
         assert run_import(capsys, path, lines(good(1)))[0] == 0
     (g,) = listed(capsys, path)

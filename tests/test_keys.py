@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_config
 from tokend.crypto import generate_key
+from tokend.testing import write_config
 
 IMPORT = [{"client": "main", "access_token": "acc-secret-1", "refresh_token": "ref-secret-1",
            "expires_in": 86400, "user_id": 1}]
@@ -23,7 +23,7 @@ def tokend(config: Path, *args: str, stdin: str | None = None) -> subprocess.Com
 
 def test_sqlite_creates_a_private_key_on_first_use(tmp_path: Path) -> None:
     key = tmp_path / "keys" / "tokend-key"
-    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key)
+    config = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key)
     assert not key.exists()
     done = tokend(config, "grants", "import", "-", stdin=json.dumps(IMPORT))
     assert done.returncode == 0, done.stderr
@@ -33,7 +33,7 @@ def test_sqlite_creates_a_private_key_on_first_use(tmp_path: Path) -> None:
 
 
 def test_postgresql_without_a_key_refuses_to_start(tmp_path: Path, pg_url: str) -> None:
-    config = write_config(tmp_path, pg_url, key_file=tmp_path / "missing-key")
+    config = write_config(tmp_path / "tokend.toml", db_url=pg_url, key_file=tmp_path / "missing-key")
     for args in (("run", "--once"), ("grants", "list")):
         done = tokend(config, *args)
         assert done.returncode == 78
@@ -46,7 +46,7 @@ def test_postgresql_without_a_key_refuses_to_start(tmp_path: Path, pg_url: str) 
 def test_malformed_key_file_is_a_config_error(tmp_path: Path, content: str) -> None:
     key = tmp_path / "tokend-key"
     key.write_text(content)
-    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key)
+    config = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key)
     done = tokend(config, "check-config")
     assert done.returncode == 78 and "encryption.key_file" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
@@ -54,7 +54,7 @@ def test_malformed_key_file_is_a_config_error(tmp_path: Path, content: str) -> N
 
 def test_rotation_keeps_every_grant_readable_and_a_wrong_key_is_named(
         tmp_path: Path, db_url: str, key_file: Path) -> None:
-    config = write_config(tmp_path, db_url, key_file=key_file)
+    config = write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file)
     if db_url.startswith("postgresql"):
         assert tokend(config, "db", "upgrade").returncode == 0
     records = [dict(IMPORT[0], access_token=f"acc-secret-{i}", refresh_token=f"ref-{i}",
@@ -89,7 +89,7 @@ def test_a_lost_key_beside_an_existing_database_is_an_error_not_a_new_key(
         tmp_path: Path, command: tuple[str, ...]) -> None:
     key = tmp_path / "tokend-key"
     db = tmp_path / "tokend.db"
-    config = write_config(tmp_path, f"sqlite:///{db}", key_file=key)
+    config = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{db}", key_file=key)
     assert tokend(config, "grants", "import", "-", stdin=json.dumps(IMPORT)).returncode == 0
     key.unlink()  # lost: a restore without it, a typo in key_file, another working directory
     before = db.read_bytes()
@@ -119,7 +119,7 @@ def test_a_new_key_is_durable_before_the_new_database_uses_it(
     key = tmp_path / "keys" / "tokend-key"
     db = tmp_path / "tokend.db"
     db.touch()  # an empty file holds no token: still a new database
-    config = load_config(write_config(tmp_path, f"sqlite:///{db}", key_file=key), env={})
+    config = load_config(write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{db}", key_file=key), env={})
     cipher = cipher_for(config, create=True)
     assert cipher.keys[0].value == key.read_text().strip()
     # the key's content (under its temporary name), then the directory that links it

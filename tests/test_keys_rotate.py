@@ -22,12 +22,12 @@ import pytest
 from sqlalchemy import event, make_url
 
 import faultlib as fl
-from conftest import reset_pg
 from tokend.config import Config, Secret, load_config
 from tokend.crypto import Cipher, generate_key
 from tokend.model import NewGrant, Outcome, Status
 from tokend.policy import initial
 from tokend.store import Store, open_store
+from tokend.testing import reset_pg, write_config
 
 NOW = datetime.now(UTC)
 
@@ -183,13 +183,13 @@ def test_readme_key_rotation_while_the_daemon_refreshes(tmp_path: Path, pg: str)
     key.write_text(old_key + "\n")
     key.chmod(0o600)
     fake = fl.FakeProcess(tmp_path, latency=0.02, access_ttl=ttl)
-    config_path = fl.write_config(tmp_path / "tokend.toml", db_url=pg,
+    config_path = write_config(tmp_path / "tokend.toml", db_url=pg,
                                   token_url=fake.token_url, key_file=key, interval="1s")
     url = make_url(pg)
     proxy = SlowProxy((url.host or "127.0.0.1", url.port or 5432), delay=0.02)
     admin_dir = tmp_path / "admin"
     admin_dir.mkdir()
-    admin_config = fl.write_config(
+    admin_config = write_config(
         admin_dir / "tokend.toml",
         db_url=url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
         token_url=fake.token_url, key_file=key)

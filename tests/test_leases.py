@@ -26,7 +26,7 @@ import pytest
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import leases, owners
 from tokend.config import Config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status

@@ -12,13 +12,13 @@ import pytest
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend.config import Config
 from tokend.errors import StoreError
-from tokend.fake_provider import FakeJustimmo, IssuedTokens
+from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
-from tokend.model import Grant, NewGrant, Outcome, Status
-from tokend.policy import initial
+from tokend.model import Grant, Outcome, Status
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import seed_grants
 
 
 @pytest.fixture
@@ -50,14 +50,9 @@ class Env:
     def seed(self, n: int, *, due: bool = True, **kw: Any) -> list[IssuedTokens]:
         issued = self.fake.issue_many(CLIENT_ID, n, user_id_start=1, **kw)
         now = datetime.now(UTC)
-        news = [NewGrant(
-            client="main", grant_type="authorization_code", access_token=t.access_token,
-            # due: the access token has less than refresh_before left
-            access_expires_at=now + (timedelta(hours=1) if due else timedelta(hours=20)),
-            obtained_at=now - timedelta(hours=4), refresh_token=t.refresh_token,
-            refresh_expires_at=t.refresh_expires_at, user_id=str(t.user_id),
-            tenant_id=str(t.tenant_id)) for t in issued]
-        self.store.insert_grants(news, lambda g: initial(g, now, self.config.schedule))
+        # due: the access token has less than refresh_before left
+        seed_grants(self.store, issued, self.config.schedule,
+                    now=now, access_left=timedelta(hours=1) if due else timedelta(hours=20))
         return issued
 
     def grants(self) -> list[Grant]:
@@ -76,7 +71,7 @@ class Env:
 @pytest.fixture
 def env(make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: FakeJustimmo) -> Iterator[Env]:
-    e = Env(make_config(fake=fake, schedule="concurrency = 4"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, schedule_extra="concurrency = 4"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     yield e
     e.close()
@@ -219,7 +214,7 @@ def test_racing_passes_never_refresh_a_grant_twice(env: Env,
 
 def test_client_credentials_are_kept(make_config: Callable[..., Config],
                                      store_for: Callable[..., Store], fake: FakeJustimmo) -> None:
-    e = Env(make_config(fake=fake, client="client_credentials = true"), None, fake)  # type: ignore[arg-type]
+    e = Env(make_config(fake=fake, client_extra="client_credentials = true"), None, fake)  # type: ignore[arg-type]
     e.store = store_for(e.config)
     try:
         assert e.engine().run_pass().refreshed == 1

@@ -11,9 +11,9 @@ import subprocess
 import termios
 from pathlib import Path
 
-from conftest import write_config
 from faultlib import TOKEND, clean_env
 from tokend.crypto import generate_key
+from tokend.testing import write_config
 
 
 def _records(n: int) -> str:
@@ -51,7 +51,7 @@ def _run(config: Path, *args: str, tty: bool) -> tuple[int, str, str]:
 
 
 def test_plain_lines_off_a_terminal_and_a_bar_on_one(tmp_path: Path, key_file: Path) -> None:
-    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key_file)
+    config = write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{tmp_path / 'tokend.db'}", key_file=key_file)
     assert _run(config, "db", "upgrade", tty=False)[0] == 0
     src = tmp_path / "a.jsonl"
     src.write_text(_records(1200))

@@ -25,6 +25,7 @@ from tokend import __version__
 from tokend.config import ClientConfig, ProviderConfig, Secret
 from tokend.errors import ErrorKind, ProviderError
 from tokend.provider import ProviderClient, basic_auth_header
+from tokend.testing import ManualClock, free_port
 
 SECRET = "s3cr3t-client-secret"
 REFRESH = "def50200-refresh-token-value"
@@ -159,16 +160,6 @@ def server() -> Iterator[ScriptedServer]:
     srv.stop()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = SENT
-        self.calls = 0
-
-    def __call__(self) -> datetime:
-        self.calls += 1
-        return self.now
-
-
 def provider_for(srv: ScriptedServer, **changes: Any) -> ProviderConfig:
     base = ProviderConfig(
         authorize_url="https://auth.example/authorize",
@@ -186,12 +177,12 @@ def client_config(**changes: Any) -> ClientConfig:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> ManualClock:
+    return ManualClock(SENT)
 
 
 @pytest.fixture
-def client(server: ScriptedServer, clock: Clock) -> Iterator[ProviderClient]:
+def client(server: ScriptedServer, clock: ManualClock) -> Iterator[ProviderClient]:
     with ProviderClient(provider_for(server), clock=clock) as pc:
         yield pc
 
@@ -216,7 +207,7 @@ def refresh_error(client: ProviderClient) -> ProviderError:
 
 
 def test_refresh_with_client_secret_post(server: ScriptedServer, client: ProviderClient,
-                                         clock: Clock) -> None:
+                                         clock: ManualClock) -> None:
     server.push(Canned())
     resp = client.refresh(client_config(), REFRESH)
     assert resp.access_token == ACCESS
@@ -236,7 +227,7 @@ def test_refresh_with_client_secret_post(server: ScriptedServer, client: Provide
     assert "authorization" not in seen.headers
 
 
-def test_refresh_with_client_secret_basic(server: ScriptedServer, clock: Clock) -> None:
+def test_refresh_with_client_secret_basic(server: ScriptedServer, clock: ManualClock) -> None:
     secret = "s3cr:t/+ é%"
     server.push(Canned())
     cfg = client_config(client_id="id with space", client_secret=Secret(secret),
@@ -338,7 +329,7 @@ def test_netrc_credentials_are_not_added(server: ScriptedServer, client: Provide
     assert "authorization" not in server.seen[0].headers
 
 
-def test_shared_between_threads(server: ScriptedServer, clock: Clock) -> None:
+def test_shared_between_threads(server: ScriptedServer, clock: ManualClock) -> None:
     server.push(*(Canned() for _ in range(40)))
     with ProviderClient(provider_for(server), clock=clock, pool_size=4) as pc, \
             ThreadPoolExecutor(8) as pool:
@@ -411,7 +402,7 @@ def test_redirect_is_not_followed(server: ScriptedServer, client: ProviderClient
     assert [s.path for s in server.seen] == ["/access_token"]
 
 
-def test_oversized_success_is_bad_response(server: ScriptedServer, clock: Clock) -> None:
+def test_oversized_success_is_bad_response(server: ScriptedServer, clock: ManualClock) -> None:
     body = dict(TOKEN_BODY, padding="x" * 5000)
     server.push(Canned(body=body), Canned())
     with ProviderClient(provider_for(server), clock=clock, max_body=4096) as pc:
@@ -425,14 +416,14 @@ def test_oversized_success_is_bad_response(server: ScriptedServer, clock: Clock)
         assert pc.refresh(client_config(), REFRESH).access_token == ACCESS
 
 
-def test_body_exactly_at_the_cap_is_fine(server: ScriptedServer, clock: Clock) -> None:
+def test_body_exactly_at_the_cap_is_fine(server: ScriptedServer, clock: ManualClock) -> None:
     payload = json.dumps(TOKEN_BODY).encode()
     server.push(Canned(body=payload))
     with ProviderClient(provider_for(server), clock=clock, max_body=len(payload)) as pc:
         assert pc.refresh(client_config(), REFRESH).access_token == ACCESS
 
 
-def test_oversized_error_page_is_transient(server: ScriptedServer, clock: Clock) -> None:
+def test_oversized_error_page_is_transient(server: ScriptedServer, clock: ManualClock) -> None:
     server.push(Canned(503, b"<html>" + b"x" * 10_000, headers={"Content-Type": "text/html",
                                                                   "Retry-After": "5"}))
     with ProviderClient(provider_for(server), clock=clock, max_body=1024) as pc, \
@@ -444,7 +435,7 @@ def test_oversized_error_page_is_transient(server: ScriptedServer, clock: Clock)
 # --------------------------------------------------------------------------- transport
 
 
-def test_read_timeout_may_have_rotated(server: ScriptedServer, clock: Clock) -> None:
+def test_read_timeout_may_have_rotated(server: ScriptedServer, clock: ManualClock) -> None:
     server.push(Canned(delay=1.0))
     cfg = provider_for(server, timeout=timedelta(seconds=0.2))
     with ProviderClient(cfg, clock=clock) as pc, pytest.raises(ProviderError) as info:
@@ -456,7 +447,7 @@ def test_read_timeout_may_have_rotated(server: ScriptedServer, clock: Clock) -> 
 
 
 def test_read_timeout_on_client_credentials_is_not_flagged(server: ScriptedServer,
-                                                           clock: Clock) -> None:
+                                                           clock: ManualClock) -> None:
     server.push(Canned(delay=1.0))
     cfg = provider_for(server, timeout=timedelta(seconds=0.2))
     with ProviderClient(cfg, clock=clock) as pc, pytest.raises(ProviderError) as info:
@@ -496,14 +487,7 @@ def test_body_cut_short(server: ScriptedServer, client: ProviderClient) -> None:
     assert (err.kind, err.error, err.maybe_applied) == (ErrorKind.TRANSIENT, "connection", True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def test_connection_refused_was_not_sent(clock: Clock) -> None:
+def test_connection_refused_was_not_sent(clock: ManualClock) -> None:
     cfg = ProviderConfig(token_url=f"http://127.0.0.1:{free_port()}/access_token")
     with ProviderClient(cfg, clock=clock) as pc:
         err = refresh_error(pc)
@@ -512,7 +496,7 @@ def test_connection_refused_was_not_sent(clock: Clock) -> None:
     assert "refused" in err.description
 
 
-def test_dns_failure_was_not_sent(clock: Clock) -> None:
+def test_dns_failure_was_not_sent(clock: ManualClock) -> None:
     cfg = ProviderConfig(token_url="http://tokend-test.invalid/access_token")
     with ProviderClient(cfg, clock=clock) as pc:
         err = refresh_error(pc)
@@ -561,7 +545,7 @@ def tls_server(self_signed: tuple[Path, Path]) -> Iterator[ScriptedServer]:
 
 
 def test_untrusted_certificate_is_refused_before_sending(tls_server: ScriptedServer,
-                                                         clock: Clock,
+                                                         clock: ManualClock,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
@@ -575,7 +559,7 @@ def test_untrusted_certificate_is_refused_before_sending(tls_server: ScriptedSer
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_verify_tls_false_accepts_it(tls_server: ScriptedServer, clock: Clock,
+def test_verify_tls_false_accepts_it(tls_server: ScriptedServer, clock: ManualClock,
                                      self_signed: tuple[Path, Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # requests lets REQUESTS_CA_BUNDLE override a session-level verify=False.
@@ -585,7 +569,7 @@ def test_verify_tls_false_accepts_it(tls_server: ScriptedServer, clock: Clock,
         assert pc.refresh(client_config(), REFRESH).access_token == ACCESS
 
 
-def test_ca_bundle_from_environment_is_honoured(tls_server: ScriptedServer, clock: Clock,
+def test_ca_bundle_from_environment_is_honoured(tls_server: ScriptedServer, clock: ManualClock,
                                                 self_signed: tuple[Path, Path],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(self_signed[0]))
@@ -646,7 +630,7 @@ def test_current_user_refuses_a_token_that_breaks_the_header(server: ScriptedSer
 # --------------------------------------------------------------------------- authorize URL
 
 
-def test_authorize_url_justimmo(clock: Clock) -> None:
+def test_authorize_url_justimmo(clock: ManualClock) -> None:
     with ProviderClient(ProviderConfig(), clock=clock) as pc:
         url = pc.authorize_url(client_config(client_id="my client"),
                                "http://127.0.0.1:8765/callback?x=1&y=2", "st&te=/+", CHALLENGE)
@@ -660,7 +644,7 @@ def test_authorize_url_justimmo(clock: Clock) -> None:
     }
 
 
-def test_authorize_url_keeps_existing_query(clock: Clock) -> None:
+def test_authorize_url_keeps_existing_query(clock: ManualClock) -> None:
     cfg = ProviderConfig(authorize_url="https://idp.example/oauth/authorize?prompt=consent"
                                        "&audience=api&state=stale&empty="
                                        "&code_challenge_method=plain")

@@ -20,17 +20,18 @@ import pytest
 import requests
 from sqlalchemy import text
 
-from conftest import CLIENT_ID, CLIENT_SECRET, write_config
+from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import notify, pkce
 from tokend.api import GrantUnavailable, TokenStore
 from tokend.authorize import authorize
 from tokend.config import Config, load_config
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import Status
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import write_config
 
 WEBHOOK_SECRET = "whsec-test"
 
@@ -265,7 +266,7 @@ def test_expired_code_fails_cleanly(make_config: Callable[..., Config],
 def test_cli_authorize_prints_the_url_on_its_own_line(tmp_path: Path, db_url: str,
                                                       key_file: Path, fake: FakeJustimmo) -> None:
     port = _port()
-    path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
     path.write_text(path.read_text().replace("127.0.0.1:8765", f"127.0.0.1:{port}"))
     if db_url.startswith("postgresql"):
         subprocess.run([sys.executable, "-m", "tokend", "--config", str(path), "db", "upgrade"],

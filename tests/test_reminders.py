@@ -13,12 +13,13 @@ from conftest import CLIENT_ID, CLIENT_SECRET
 from test_reconsent import WEBHOOK_SECRET, Receiver
 from tokend import consent, notify, policy
 from tokend.config import Config
-from tokend.fake_provider import FakeJustimmo, ManualClock
+from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import GrantType, NewGrant, Status
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import ManualClock
 
 LINK_KEY = "reminder-test-link-key-0123456789abcdef"
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
@@ -143,9 +144,9 @@ def test_migration_0003_keeps_rows_and_ids(tmp_path: Path, db_url: str, key_file
     from alembic import command
     from sqlalchemy import inspect, text
 
-    from conftest import write_config
     from tokend.config import load_config
     from tokend.store import _alembic_config, make_engine, open_store
+    from tokend.testing import write_config
 
     engine = make_engine(db_url)
     cfg = _alembic_config()
@@ -161,7 +162,7 @@ def test_migration_0003_keeps_rows_and_ids(tmp_path: Path, db_url: str, key_file
                 {"id": gid, "t": "2026-01-01T00:00:00.000000Z" if engine.dialect.name ==
                  "sqlite" else T0})
     engine.dispose()
-    config = load_config(write_config(tmp_path, db_url, key_file=key_file), env={})
+    config = load_config(write_config(tmp_path / "tokend.toml", db_url=db_url, key_file=key_file), env={})
     store = open_store(config, auto_upgrade=True)
     try:
         assert store.revision() == store.head()

@@ -9,22 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLIENT_ID, write_config
+from conftest import CLIENT_ID
 from tokend import circuit, heartbeat
 from tokend.cli import main
 from tokend.config import load_config
 from tokend.daemon import Daemon
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.status import replica_state
 from tokend.store import Store
+from tokend.testing import write_config
 
 
 def test_status_shows_replicas_grants_deadlines_and_blocked_clients(
         tmp_path: Path, db_url: str, key_file: Path, fake: FakeJustimmo,
         store_for: Callable[..., Store], capsys: pytest.CaptureFixture[str]) -> None:
-    path = write_config(tmp_path, db_url, fake=fake, key_file=key_file)
+    path = write_config(tmp_path / "tokend.toml", db_url=db_url, token_url=fake.token_url, key_file=key_file)
     config = load_config(path, env={})
     store = store_for(config)
     now = datetime.now(UTC)

@@ -8,13 +8,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from conftest import CLIENT_ID
-from faultlib import quiet_logs
 from tokend.config import Config
 from tokend.daemon import Daemon
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import NewGrant
 from tokend.policy import initial
 from tokend.store import Store
+from tokend.testing import quiet_logs
 
 N = 12
 

@@ -49,11 +49,11 @@ def test_schema_is_created_and_current(store: Store) -> None:
 
 def test_sqlite_file_is_private(tmp_path: Path, key_file: Path,
                                 store_for: Callable[..., Store]) -> None:
-    from conftest import write_config
     from tokend.config import load_config
+    from tokend.testing import write_config
 
     path = tmp_path / "sub" / "tokend.db"
-    store_for(load_config(write_config(tmp_path, f"sqlite:///{path}", key_file=key_file), env={}))
+    store_for(load_config(write_config(tmp_path / "tokend.toml", db_url=f"sqlite:///{path}", key_file=key_file), env={}))
     assert oct(path.stat().st_mode & 0o777) == "0o600"
 
 
@@ -315,9 +315,9 @@ def test_migration_0002_keeps_rows_and_stops_id_reuse(tmp_path: Path, key_file: 
     """An existing SQLite database of revision 0001 is rebuilt with AUTOINCREMENT."""
     from alembic import command
 
-    from conftest import write_config
     from tokend.config import load_config
     from tokend.store import _alembic_config, make_engine, open_store
+    from tokend.testing import write_config
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = make_engine(url)
@@ -333,7 +333,7 @@ def test_migration_0002_keeps_rows_and_stops_id_reuse(tmp_path: Path, key_file: 
                 " 'authorization_code', 'ok', 0, 0, 0, '2026-01-01T00:00:00Z',"
                 " '2026-01-01T00:00:00Z')"), {"id": gid})
     engine.dispose()
-    config = load_config(write_config(tmp_path, url, key_file=key_file), env={})
+    config = load_config(write_config(tmp_path / "tokend.toml", db_url=url, key_file=key_file), env={})
     store = open_store(config, auto_upgrade=True)
     try:
         assert store.revision() == store.head()

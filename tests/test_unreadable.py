@@ -17,16 +17,15 @@ import pytest
 from sqlalchemy import text
 
 from conftest import CLIENT_ID
-from faultlib import quiet_logs
 from tokend.cli import main
 from tokend.config import Config
 from tokend.daemon import Daemon
 from tokend.errors import GrantUnreadable
-from tokend.fake_provider import FakeJustimmo
+from tokend.fake import FakeJustimmo
 from tokend.model import GrantType, NewGrant, Status, UnreadableGrant
-from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store
+from tokend.testing import quiet_logs, seed_grants
 
 N = 12
 
@@ -35,12 +34,7 @@ def seed(store: Store, config: Config, fake: FakeJustimmo, n: int = N) -> list[i
     """n grants, all due now (the access token has an hour left)."""
     issued = fake.issue_many(CLIENT_ID, n, user_id_start=1)
     now = datetime.now(UTC)
-    return store.insert_grants([NewGrant(
-        client="main", grant_type="authorization_code", access_token=t.access_token,
-        access_expires_at=now + timedelta(hours=1), obtained_at=now - timedelta(hours=4),
-        refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
-        user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued],
-        lambda g: initial(g, now, config.schedule))
+    return seed_grants(store, issued, config.schedule, now=now)
 
 
 def corrupt(store: Store, ids: list[int]) -> dict[int, str]:
@@ -73,7 +67,7 @@ def raw(store: Store, ids: list[int]) -> dict[int, tuple[Any, ...]]:
 @pytest.fixture
 def world(make_config: Callable[..., Config], store_for: Callable[..., Store],
           fake: FakeJustimmo) -> Iterator[tuple[Config, Store, list[int], dict[int, str]]]:
-    config = make_config(fake=fake, schedule="concurrency = 4\nbatch_size = 3")
+    config = make_config(fake=fake, schedule_extra="concurrency = 4\nbatch_size = 3")
     store = store_for(config)
     ids = seed(store, config, fake)
     broken = corrupt(store, ids)

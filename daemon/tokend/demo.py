@@ -28,57 +28,28 @@ from .authorize import authorize
 from .config import Config, load_config
 from .daemon import Daemon
 from .durations import Duration
-from .fake_provider import FakeJustimmo
+from .fake import FakeJustimmo
 from .store import open_store
+from .testing import CLIENT_ID, CLIENT_SECRET, free_port, write_config
 
-CLIENT_ID, CLIENT_SECRET = "demo-client", "demo-secret"
+SECRET_FILE = "demo-secret"  # beside the config, as an operator would keep it
 USERS = {1001: 501, 1002: 501, 1003: 502, 1004: 503}
 
 
 def demo_config(workdir: Path, fake: FakeJustimmo, listen: str, webhook: str) -> Path:
     path = workdir / "tokend.toml"
-    (workdir / "demo-secret").write_text(CLIENT_SECRET + "\n")
-    (workdir / "demo-secret").chmod(0o600)
-    path.write_text(f"""# written by `tokend demo`: a real config, pointing at the embedded fake
-[database]
-url = "sqlite:///{workdir / 'tokend.db'}"
-
-[provider]
-authorize_url = "{fake.authorize_url}"
-token_url = "{fake.token_url}"
-user_url = "{fake.user_url}"
-refresh_token_ttl = "3m"
-rate_limit = 20
-timeout = "5s"
-
-[clients.demo]
-client_id = "{CLIENT_ID}"
-client_secret_file = "demo-secret"
-redirect_uri = "http://127.0.0.1:0/callback"
-client_credentials = true
-
-[schedule]
-interval = "5s"
-refresh_before = "10s"
-retry_max = "30s"
-reconsent_before = "150s"
-concurrency = 4
-max_grant_age = "30s"
-
-[metrics]
-listen = "{listen}"
-
-[notify]
-webhook_url = "{webhook}"
-
-[logging]
-format = "console"
-level = "info"
-
-[encryption]
-key_file = "tokend-key"
-""")
-    return path
+    (workdir / SECRET_FILE).write_text(CLIENT_SECRET + "\n")
+    (workdir / SECRET_FILE).chmod(0o600)
+    return write_config(
+        path, db_url=f"sqlite:///{workdir / 'tokend.db'}", key_file="tokend-key",
+        token_url=fake.token_url, client="demo", client_secret_file=SECRET_FILE,
+        redirect_uri="http://127.0.0.1:0/callback", rate_limit=20, interval="5s",
+        retry_max="30s", concurrency=4, listen=listen, log_format="console", state_dir=None,
+        provider_extra='refresh_token_ttl = "3m"', client_extra="client_credentials = true",
+        schedule_extra='refresh_before = "10s"\nreconsent_before = "150s"\nmax_grant_age = "30s"',
+        extra=f'\n[notify]\nwebhook_url = "{webhook}"\n',
+        header="# written by `tokend demo`: a real config, pointing at the embedded fake\n",
+    )
 
 
 def _consent(config: Config, user_id: int) -> None:
@@ -103,12 +74,7 @@ def _devnull() -> str:
 
 
 def _free_redirect() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/callback"
+    return f"http://127.0.0.1:{free_port()}/callback"
 
 
 def run_demo(*, duration: float | None = None, listen: str = "127.0.0.1:9464",
