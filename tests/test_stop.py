@@ -33,7 +33,7 @@ def seed(store: Store, config: Config, fake: FakeJustimmo) -> list[int]:
 def test_the_signal_event_stops_the_pass_the_notifier_and_the_scheduler(
         make_config: Callable[..., Config], store_for: Callable[..., Store],
         fake: FakeJustimmo) -> None:
-    config = make_config(fake=fake, schedule="concurrency = 1\nbatch_size = 1")
+    config = make_config(fake=fake, schedule_extra="concurrency = 1\nbatch_size = 1")
     store = store_for(config)
     seed(store, config, fake)
     fake.set_latency(0.3)
