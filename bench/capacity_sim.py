@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "daemon"))
 
-from tokend import planner  # noqa: E402
-from tokend.config import ScheduleConfig  # noqa: E402
-from tokend.model import Grant, GrantType, Status  # noqa: E402
-from tokend.policy import refresh_at  # noqa: E402
+from tokend import planner
+from tokend.model import Grant, GrantType, Status
+from tokend.policy import refresh_at
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -126,7 +126,9 @@ class ProviderConfig:
     token_url: str = "https://auth.justimmo.at/access_token"
     user_url: str = "https://api.justimmo.at/oauth/user/current"
     refresh_token_ttl: Duration = Duration(months=1)
-    rate_limit: float = 5.0  # requests/s to the token endpoint per process; 0 = unlimited
+    # Requests/s to the token endpoint, for ALL replicas together on PostgreSQL (one
+    # budget in the database, tokend.sharedlimit); per process on SQLite. 0 = unlimited.
+    rate_limit: float = 5.0
     timeout: timedelta = timedelta(seconds=10)
     verify_tls: bool = True
 
@@ -152,6 +154,9 @@ class ClientConfig:
 class ScheduleConfig:
     interval: timedelta = timedelta(seconds=60)
     refresh_before: timedelta = timedelta(hours=6)
+    # The margin refresh_before shrinks to when the rate limit cannot afford it
+    # (tokend.planner); well above the pass interval.
+    refresh_margin_min: timedelta = timedelta(minutes=10)
     retry_max: timedelta = timedelta(minutes=15)
     reconsent_before: Duration = Duration(delta=timedelta(days=7))
     concurrency: int = 8
@@ -284,8 +289,8 @@ _SECTIONS: dict[str, set[str]] = {
         "timeout", "verify_tls",
     },
     "schedule": {
-        "interval", "refresh_before", "retry_max", "reconsent_before", "concurrency",
-        "max_grant_age", "batch_size",
+        "interval", "refresh_before", "refresh_margin_min", "retry_max", "reconsent_before",
+        "concurrency", "max_grant_age", "batch_size",
     },
     "metrics": {"listen"},
     "logging": {"format", "level"},
@@ -408,6 +413,10 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     schedule = ScheduleConfig(
         interval=r.timedelta("schedule", "interval", s.interval, positive=True),
         refresh_before=r.timedelta("schedule", "refresh_before", s.refresh_before, positive=True),
+        # Unset: 10 minutes, or refresh_before when that is shorter (never an error).
+        refresh_margin_min=r.timedelta("schedule", "refresh_margin_min", min(
+            s.refresh_margin_min, r.timedelta("schedule", "refresh_before", s.refresh_before,
+                                              positive=True)), positive=True),
         retry_max=r.timedelta("schedule", "retry_max", s.retry_max, positive=True),
         reconsent_before=r.duration("schedule", "reconsent_before", s.reconsent_before),
         concurrency=int(r.number("schedule", "concurrency", s.concurrency, minimum=1,
@@ -416,6 +425,17 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
         batch_size=int(r.number("schedule", "batch_size", s.batch_size, minimum=1,
                                 maximum=10000, integer=True)),
     )
+    if schedule.refresh_margin_min > schedule.refresh_before:
+        raise ConfigError(
+            f"schedule.refresh_margin_min ({format_timedelta(schedule.refresh_margin_min)}) "
+            f"must not be longer than schedule.refresh_before "
+            f"({format_timedelta(schedule.refresh_before)})")
+    if "refresh_margin_min" in (raw.get("schedule") or {}) \
+            and schedule.refresh_margin_min < schedule.interval * 2:
+        raise ConfigError(
+            f"schedule.refresh_margin_min ({format_timedelta(schedule.refresh_margin_min)}) "
+            f"must be at least twice schedule.interval ({format_timedelta(schedule.interval)}):"
+            f" a grant is only seen once per pass")
     if schedule.retry_max < schedule.interval:
         raise ConfigError(
             f"schedule.retry_max ({format_timedelta(schedule.retry_max)}) must not be shorter "
@@ -808,6 +828,7 @@ def render(config: Config) -> str:
         "[schedule]",
         f"interval = {q(format_timedelta(s.interval))}",
         f"refresh_before = {q(format_timedelta(s.refresh_before))}",
+        f"refresh_margin_min = {q(format_timedelta(s.refresh_margin_min))}",
         f"retry_max = {q(format_timedelta(s.retry_max))}",
         f"reconsent_before = {q(str(s.reconsent_before))}",
         f"concurrency = {s.concurrency}",

@@ -46,6 +46,8 @@ class Daemon:
         self.provider = provider or ProviderClient(
             config.provider, pool_size=config.schedule.concurrency)
         self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics)
+        # Code exchanges at the consent endpoint take slots of the same rate limit.
+        self.provider.limiter = self.maintenance.limiter
         self.notifier = Notifier(config, store, self.metrics, self.maintenance.stop_event)
         self.stop_event = threading.Event()
         self.last_success: datetime | None = None

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, consent, leases, logs, owners, policy, spool, state
+from . import circuit, consent, leases, logs, owners, planner, policy, spool, state
 from .classify import TokenResponse
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
 from .model import Grant, GrantType, Outcome, Status
 from .provider import ProviderClient
-from .ratelimit import RateLimiter
+from .sharedlimit import limiter_for
 from .store import Store
 
 log = logs.get("tokend.maintenance")
@@ -82,7 +82,14 @@ class Maintenance:
         self.rand = rand
         self.save_retry = save_retry
         self.stop_event = threading.Event()
-        self.limiter = RateLimiter(config.provider.rate_limit)
+        # Shared by all replicas on PostgreSQL (tokend.sharedlimit), per process on SQLite.
+        self.limiter = limiter_for(store, config.provider.rate_limit)
+        # The schedule with the margin the planner chose (tokend.planner); refresh_before
+        # until the first plan.
+        self.schedule = config.schedule
+        self.capacity: planner.Capacity | None = None
+        self._plan_after = 0.0  # monotonic: no plan before this
+        self.metrics.capacity(0.0, self.limiter.rate)
         self.lease = lease_for(config)
         self.pool = ThreadPoolExecutor(config.schedule.concurrency,
                                        thread_name_prefix="tokend-refresh")
@@ -123,6 +130,7 @@ class Maintenance:
             self.store.ensure_client_credentials(cc)
             self._take_over_dead_owners()
             self._probe(result)
+            self._plan()
             self._drain(result)
         finally:
             result.duration = time.monotonic() - started
@@ -139,6 +147,39 @@ class Maintenance:
                 log.warning("dead_owner_leases_taken_over", owners=gone, grants=n,
                             detail="a tokend of this host ended without a clean stop; its "
                                    "grants are due now, in doubt")
+
+    def _plan(self) -> None:
+        """The planner's margin and moves (tokend.planner); at most a tenth of the time
+        goes to planning, so a big table is planned less often than every pass."""
+        started = time.monotonic()
+        if started < self._plan_after:
+            return
+        s = self.config.schedule
+        try:
+            rows = self.store.plan_rows()
+            capacity, moves = planner.plan(rows, self.store.clock(), self.limiter.rate,
+                                           s.refresh_before, s.refresh_margin_min)
+            planned = {r.id: r.next_attempt_at for r in rows}
+            self.store.replan({gid: (old, at) for gid, at in moves.items()
+                               if (old := planned[gid]) is not None})
+        except StoreError as exc:  # the pass goes on with the last plan
+            log.warning("plan_failed", error=str(exc))
+            return
+        finally:
+            self._plan_after = time.monotonic() + 9 * (time.monotonic() - started)
+        if capacity.margin != self.schedule.refresh_before:
+            log.warning("refresh_margin_changed", margin_s=capacity.margin.total_seconds(),
+                        aim_s=s.refresh_before.total_seconds(),
+                        needed_per_s=round(capacity.needed, 3), limit_per_s=capacity.limit)
+        if capacity.limit and capacity.ratio > planner.ALERT_RATIO and (
+                self.capacity is None or self.capacity.ratio <= planner.ALERT_RATIO):
+            log.warning("capacity_low", needed_per_s=round(capacity.needed, 3),
+                        limit_per_s=capacity.limit, detail=planner.describe(capacity))
+        self.schedule = replace(s, refresh_before=capacity.margin)
+        self.capacity = capacity
+        self.metrics.capacity(capacity.needed, capacity.limit)
+        if moves:
+            log.info("refreshes_spread", moved=len(moves))
 
     def _drain(self, result: PassResult) -> None:
         concurrency = self.config.schedule.concurrency
@@ -236,7 +277,7 @@ class Maintenance:
         ``claimed_at``: the monotonic time read just before the claim (see
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
         """
-        s = self.config.schedule
+        s = self.schedule
         now = self.store.clock()
         client = self.config.clients.get(grant.client)
         if client is None:
@@ -246,7 +287,7 @@ class Maintenance:
         is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
         if not is_cc:
             status, reason = policy.lifecycle(grant, now, s)
-            if status == Status.RECONSENT_REQUIRED or not policy.needs_refresh(grant, now, s):
+            if status == Status.RECONSENT_REQUIRED or not policy.refresh_due(grant, now, s):
                 # Due for a status change only (e.g. entering the re-consent window).
                 outcome = Outcome(status=status, reason=reason,
                                   next_attempt_at=policy.next_attempt(
@@ -303,7 +344,7 @@ class Maintenance:
 
     def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
         now = self.store.clock()
-        outcome = policy.after_success(grant, resp, now, self.config.schedule,
+        outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
         saved = self._save(grant, outcome, must=True)
@@ -319,7 +360,7 @@ class Maintenance:
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
                 client: ClientConfig | None) -> str:
-        outcome = policy.after_failure(grant, err, now, self.config.schedule, rand=self.rand())
+        outcome = policy.after_failure(grant, err, now, self.schedule, rand=self.rand())
         kind = err.kind.value
         self.metrics.failure(grant.client, grant.grant_type, kind, err.error)
         level = "warning" if err.kind is ErrorKind.TRANSIENT else "error"
@@ -398,7 +439,7 @@ class Maintenance:
         the daemon stops (the lease then expires and the grant is simply retried).
         """
         outcome, reminder = policy.remind(grant, outcome, self.store.clock(),
-                                          self.config.schedule)
+                                          self.schedule)
         event = self._event(grant, outcome, reminder)
         if must:
             return self._save_rotated(grant, outcome, event)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import base64
 import http.client
 import http.cookiejar
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -86,6 +87,10 @@ def _require_token(value: str, what: str) -> None:
         raise ValueError(f"{what} is empty or not printable ASCII text")
 
 
+class Admission(Protocol):
+    def acquire(self, stop: threading.Event | None = None) -> bool: ...
+
+
 class ProviderClient:
     """Talks to one provider; safe to share between threads."""
 
@@ -102,6 +107,10 @@ class ProviderClient:
         if max_body < 1:
             raise ValueError("max_body must be at least 1")
         self.provider = provider
+        # Code exchanges count against provider.rate_limit too; the daemon and
+        # ``tokend authorize`` set the process's limiter here (refreshes take their
+        # slot in tokend.maintenance, before the lease check).
+        self.limiter: Admission | None = None
         self._clock = clock or _utc_now
         self._max_body = max_body
         seconds = provider.timeout.total_seconds()
@@ -137,6 +146,8 @@ class ProviderClient:
 
     def exchange_code(self, client: ClientConfig, code: str, redirect_uri: str) -> TokenResponse:
         _require_token(code, "authorization code")
+        if self.limiter is not None:
+            self.limiter.acquire()
         return self._token_request(
             client, "authorization_code", {"code": code, "redirect_uri": redirect_uri},
             redact=(code,),

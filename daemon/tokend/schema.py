@@ -155,3 +155,13 @@ class ConsentStateRow(Base):
     used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_consent_states_expires_at", "expires_at"),)
+
+
+class RateSlotRow(Base):
+    """The next free start of a rate limit shared by all replicas (migration 0005,
+    tokend.sharedlimit; PostgreSQL only)."""
+
+    __tablename__ = "rate_slots"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)

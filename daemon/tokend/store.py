@@ -55,6 +55,7 @@ from .config import Config
 from .crypto import Cipher, cipher_for
 from .errors import GrantNotFound, GrantUnreadable, SchemaError, StoreConflict, StoreError
 from .model import ACTIVE, Grant, GrantType, NewGrant, Outcome, Status, UnreadableGrant
+from .planner import Row
 from .schema import EventRow, GrantRow, UTCDateTime
 
 G = cast(Table, GrantRow.__table__)
@@ -562,6 +563,32 @@ class Store:
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         return cast("Select[Any]", q)
+
+    def plan_rows(self) -> list[Row]:
+        """What :mod:`tokend.planner` sees: the maintained grants not leased now."""
+        now = self.clock()
+        q = select(G.c.id, G.c.obtained_at, G.c.access_expires_at, G.c.next_attempt_at).where(
+            G.c.status.in_([s.value for s in ACTIVE]), G.c.next_attempt_at.is_not(None),
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+        with self.tx(readonly=True) as conn:
+            return [Row(int(r[0]), _timestamp(r[1]), _timestamp(r[2]), _timestamp(r[3]))
+                    for r in conn.execute(q).all()]
+
+    def replan(self, moves: Mapping[int, tuple[datetime, datetime]]) -> int:
+        """Move planned moments (id -> (as read, new)); a row changed meanwhile (refreshed,
+        leased, edited) keeps its own."""
+        if not moves:
+            return 0
+        now = self.clock()
+        stmt = update(G).where(
+            G.c.id == bindparam("m_id"),
+            G.c.next_attempt_at == bindparam("m_old", type_=G.c.next_attempt_at.type),
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)),
+        ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
+        with self.tx() as conn:
+            conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
+                                for gid, (old, new) in moves.items()])
+        return len(moves)
 
     def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
         """Lease up to ``limit`` due grants to ``owner`` and commit the lease.
