@@ -77,7 +77,7 @@ def own_database(base_url: str, suffix: str) -> Iterator[str]:
 def reset_pg(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("DROP TABLE IF EXISTS grants, events, consent_states, alembic_version CASCADE"))
+        conn.execute(text("DROP TABLE IF EXISTS grants, events, consent_states, rate_slots, alembic_version CASCADE"))
     engine.dispose()
 
 
