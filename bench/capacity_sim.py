@@ -94,11 +94,13 @@ def run(sim: Sim, duration: float) -> Result:
         capacity, moves = planner.plan(rows, T0 + timedelta(seconds=now), sim.rate, aim, floor)
         if sim.adaptive:
             margin = capacity.margin.total_seconds()
-        if sim.levelling:
+        if sim.levelling and moves:
             for gid, at in moves.items():
                 due[gid - 1] = _secs(at)
                 version[gid - 1] += 1
-                heapq.heappush(heap, (due[gid - 1], gid - 1, version[gid - 1]))
+            # rebuilt rather than pushed onto: a big plan moves most of the table
+            heap[:] = [(due[i], i, version[i]) for i in range(n)]
+            heapq.heapify(heap)
         return capacity.ratio
 
     due = [0.0] * n
