@@ -13,7 +13,9 @@ from tokend import planner
 from tokend.planner import Row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import capacity_sim  # noqa: E402
+import itertools
+
+import capacity_sim
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -59,7 +61,7 @@ def test_levelling_a_bulk_import_spreads_it_in_expiry_order() -> None:
     # moved ones that are not clamped at the token's start: evenly at the pace (a grant
     # within MOVE_MIN of its moment keeps it: a clump of at most 1 s x the rate)
     ahead = sorted(at for at in moves.values() if at > T0)
-    gaps = [(b - a).total_seconds() for a, b in zip(ahead, ahead[1:], strict=False)]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(ahead)]
     assert min(gaps) >= pace - 1e-6
     # never later than planned, never before the token was obtained
     assert all(T0 <= at <= T0 + 40 * S for at in moves.values())
