@@ -22,6 +22,7 @@ the second day, the alert before the first expiry.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import socket
@@ -202,10 +203,12 @@ def run_day(grants: int) -> capacity_sim.Result:
 
 
 def main() -> int:
-    args = parse_args(__doc__, lambda p: (
-        p.add_argument("--duration", type=float, default=150.0),
-        p.add_argument("--day-grants", type=int, default=400_000),
-        p.add_argument("--skip-scaled", action="store_true")))
+    def extra(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--duration", type=float, default=150.0)
+        p.add_argument("--day-grants", type=int, default=400_000)
+        p.add_argument("--skip-scaled", action="store_true")
+
+    args = parse_args(__doc__, extra)
     banner("capacity")
     print(json.dumps(machine()), flush=True)
     lines: list[str] = []
