@@ -88,8 +88,9 @@ class SharedRateLimiter:
             self._failing.clear()
             if delay > 0:
                 self._wait(delay, stop)
-            # A slot once taken is used even if stop came meanwhile: it is spent anyway.
-            return True
+            # A stop while waiting for a future slot: not sent (the slot stays unused).
+            # Sending anyway would put every waiting worker's request into one moment.
+            return stop is None or not stop.is_set()
 
     def _take(self) -> float:
         with self._store.tx(single=True) as conn:
