@@ -4,12 +4,16 @@ design decisions replayed in virtual time (bench/capacity_sim.py, docs/capacity.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from tokend import planner
+from tokend import planner, policy
+from tokend.config import ScheduleConfig
+from tokend.durations import Duration
+from tokend.model import Grant, Status
 from tokend.planner import Row
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -154,3 +158,38 @@ def test_simulation_mixed_lifetimes_and_an_outage_backlog() -> None:
                                           margin_min=6.0, first_expiry=first), 400.0)
     assert r.late == 0
     assert r.alert_before_expiry  # near the limit: said before any token ends
+
+
+# ---------------------------------------------------------------- policy.refresh_due
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+SCHED = ScheduleConfig()  # refresh_before 6h, reconsent_before 7d
+
+
+def grant(**kw: object) -> Grant:
+    base = Grant(
+        id=7, client="main", grant_type="authorization_code", user_id="1", tenant_id="2",
+        status=Status.OK, reason=None,
+        access_expires_at=NOW + timedelta(hours=12), refresh_expires_at=NOW + timedelta(days=20),
+        obtained_at=NOW - timedelta(hours=12), consented_at=NOW - timedelta(days=10),
+        failure_count=0, last_error=None, next_attempt_at=NOW - S, in_doubt=False,
+        token_version=1, has_refresh_token=True, created_at=NOW, updated_at=NOW,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("case", "g", "due"), [
+    ("margin reached", grant(access_expires_at=NOW + timedelta(hours=5)), True),
+    ("moved earlier by the planner", grant(), True),
+    ("client credentials moved earlier", grant(grant_type="client_credentials",
+                                                refresh_expires_at=None), True),
+    ("not due at all (claimed early by a clock skew)", grant(next_attempt_at=NOW + S), False),
+    ("due to enter the re-consent window",
+     grant(refresh_expires_at=NOW + timedelta(days=7) - S), False),
+    ("due for a reminder", grant(refresh_expires_at=NOW + timedelta(days=3) - S), False),
+])
+def test_refresh_due(case: str, g: Grant, due: bool) -> None:
+    s = replace(SCHED, reminders=(Duration(delta=timedelta(days=3)),))
+    if case == "due for a reminder":
+        g = replace(g, status=Status.RECONSENT_DUE)
+    assert policy.refresh_due(g, NOW, s) is due, case
