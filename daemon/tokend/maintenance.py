@@ -190,8 +190,12 @@ class Maintenance:
         most = 2 * concurrency + batch - 1
         if not self.limiter.unlimited:
             # ...also at the rate limiter's pace: the last one claimed must start well
-            # within its lease, or another replica may take it over and spend its token.
-            fit = int(self.limiter.rate * self.lease.total_seconds() / 2)
+            # within its lease, or another replica may take it over and spend its token;
+            # and a grant due now must not queue behind claims longer than a quarter of
+            # the smallest margin (tokend.planner: its token could expire meanwhile).
+            wait = min(self.lease.total_seconds() / 2,
+                       self.config.schedule.refresh_margin_min.total_seconds() / 4)
+            fit = int(self.limiter.rate * wait)
             most = max(1, min(most, fit))
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).

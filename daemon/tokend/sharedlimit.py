@@ -36,7 +36,7 @@ from .ratelimit import RateLimiter
 from .store import Store
 
 log = logs.get("tokend.sharedlimit")
-SHARED_GUARD = 0.05  # seconds of timing spread absorbed between slots of different replicas
+SHARED_GUARD = 0.1  # seconds of timing spread absorbed between slots of different replicas
 RETRY = 1.0  # seconds between attempts while the database does not answer
 
 _TAKE = text(
