@@ -193,3 +193,26 @@ def test_refresh_due(case: str, g: Grant, due: bool) -> None:
     if case == "due for a reminder":
         g = replace(g, status=Status.RECONSENT_DUE)
     assert policy.refresh_due(g, NOW, s) is due, case
+
+
+# ---------------------------------------------------------------- the environment, read once
+
+
+def test_provider_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests' per-request environment lookups cost CPU per refresh (issue 13, item 5):
+    the client reads proxies and the CA bundle once, with requests' own rules."""
+    from tokend.config import ProviderConfig
+    from tokend.provider import ProviderClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/custom.pem")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "tokens.example")
+    with ProviderClient(ProviderConfig()) as client:
+        assert client._session.trust_env is False
+        assert client._verify == "/etc/ssl/custom.pem"
+        assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
+        assert "http" not in client._proxies_for("http://tokens.example/x")
+        monkeypatch.setenv("HTTP_PROXY", "http://other.invalid:1")  # read once: unchanged
+        assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
+    with ProviderClient(ProviderConfig(verify_tls=False)) as client:
+        assert client._verify is False
