@@ -336,7 +336,7 @@ def test_migration_0002_keeps_rows_and_stops_id_reuse(tmp_path: Path, key_file: 
     config = load_config(write_config(tmp_path, url, key_file=key_file), env={})
     store = open_store(config, auto_upgrade=True)
     try:
-        assert store.revision() == "0003"
+        assert store.revision() == store.head()  # all migrations after 0001 ran
         assert sorted(g.id for g in store.iter_grants()) == [1, 2, 3]
         store.delete(3)
         [gid] = store.insert_grants([new(9)], not_due)
