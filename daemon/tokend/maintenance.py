@@ -162,8 +162,8 @@ class Maintenance:
             planned = {r.id: r.next_attempt_at for r in rows}
             self.store.replan({gid: (old, at) for gid, at in moves.items()
                                if (old := planned[gid]) is not None})
-        except StoreError as exc:  # the pass goes on with the last plan
-            log.warning("plan_failed", error=str(exc))
+        except Exception as exc:  # an optimisation: the pass goes on with the last plan
+            log.warning("plan_failed", error=_error_text(exc))
             return
         finally:
             self._plan_after = time.monotonic() + 9 * (time.monotonic() - started)

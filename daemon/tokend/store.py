@@ -567,12 +567,22 @@ class Store:
     def plan_rows(self) -> list[Row]:
         """What :mod:`tokend.planner` sees: the maintained grants not leased now."""
         now = self.clock()
-        q = select(G.c.id, G.c.obtained_at, G.c.access_expires_at, G.c.next_attempt_at).where(
+        # Raw values, decoded row by row: an unreadable row is left out of the plan
+        # (the claim sets it aside and logs it), it does not end the pass.
+        raw = [type_coerce(c, NullType()) for c in (G.c.id, G.c.obtained_at,
+                                                    G.c.access_expires_at, G.c.next_attempt_at)]
+        q = select(*raw).where(
             G.c.status.in_([s.value for s in ACTIVE]), G.c.next_attempt_at.is_not(None),
             or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+        rows: list[Row] = []
         with self.tx(readonly=True) as conn:
-            return [Row(int(r[0]), _timestamp(r[1]), _timestamp(r[2]), _timestamp(r[3]))
-                    for r in conn.execute(q).all()]
+            for r in conn.execute(q).all():
+                try:
+                    rows.append(Row(_integer(r[0]), _timestamp(r[1]), _timestamp(r[2]),
+                                    _timestamp(r[3])))
+                except (TypeError, ValueError, OverflowError):
+                    continue
+        return rows
 
     def replan(self, moves: Mapping[int, tuple[datetime, datetime]]) -> int:
         """Move planned moments (id -> (as read, new)); a row changed meanwhile (refreshed,
