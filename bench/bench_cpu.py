@@ -94,8 +94,11 @@ def minimal_loop(store: Store, url: str, fake: Fake, n: int) -> float:
 
         conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
         begin, mark = "", "%s"
+    # next_attempt_at too (as tokend's save): a row left due would be refreshed again by
+    # the next tokend pass (policy.refresh_due: due for no other reason than its refresh)
     sql = (f"UPDATE grants SET access_token = {mark}, refresh_token = {mark}, "
-           f"access_expires_at = {mark}, updated_at = {mark} WHERE id = {mark}")
+           f"access_expires_at = {mark}, updated_at = {mark}, next_attempt_at = {mark} "
+           f"WHERE id = {mark}")
     session = requests.Session()
     gc.collect()
     c0 = time.process_time()
@@ -107,11 +110,13 @@ def minimal_loop(store: Store, url: str, fake: Fake, n: int) -> float:
         body = r.json()
         now = datetime.now(UTC)
         expires: Any = now + timedelta(seconds=body["expires_in"])
+        following: Any = now + timedelta(hours=18)
         if begin:  # sqlite: tokend's text timestamps
-            expires, now = expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), \
-                now.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            expires, now, following = (t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+                                       for t in (expires, now, following))
             conn.execute(begin)
-        conn.execute(sql, (body["access_token"], body["refresh_token"], expires, now, gid))
+        conn.execute(sql, (body["access_token"], body["refresh_token"], expires, now,
+                           following, gid))
         conn.commit()
     cpu = time.process_time() - c0
     session.close()

@@ -125,11 +125,12 @@ class FakeProcess(Proc):
     """The fake provider in its own process (see the module docstring)."""
 
     def __init__(self, workdir: Path, *, latency: float = 0.0, access_ttl: float = 86400.0,
-                 league: str = "5") -> None:
+                 league: str = "5", request_times: int = 0) -> None:
         log = workdir / "fake.log"
         super().__init__([PYTHON, str(Path(__file__).resolve()), "fake",
                           "--latency", str(latency), "--access-ttl", str(access_ttl),
-                          "--league", league, "--client", f"{CLIENT_ID}:{CLIENT_SECRET}"],
+                          "--league", league, "--client", f"{CLIENT_ID}:{CLIENT_SECRET}",
+                          "--request-times", str(request_times)],
                          log)
         self.session = requests.Session()
         self.session.trust_env = False  # never a proxy: loopback only
@@ -437,6 +438,7 @@ def _fake_main(argv: Sequence[str]) -> int:
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--access-ttl", type=float, default=86400.0)
     p.add_argument("--league", default="5")
+    p.add_argument("--request-times", type=int, default=0)  # kept for stats(times=True)
     p.add_argument("--client", default=f"{CLIENT_ID}:{CLIENT_SECRET}")
     args = p.parse_args(argv)
     cid, _, secret = args.client.partition(":")
@@ -445,7 +447,7 @@ def _fake_main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     fake = CheckingFake(clients={cid: secret}, latency=args.latency,
                         access_ttl=args.access_ttl, league=args.league,
-                        request_times_limit=0).start()
+                        request_times_limit=args.request_times).start()
     print(f"listening on {fake.base_url}", flush=True)
     try:
         # bounded: a fake left behind by a crashed test run ends by itself within an hour

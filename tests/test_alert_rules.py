@@ -36,6 +36,8 @@ METRICS = {
     "tokend_client_blocked",
     "tokend_grants_unreadable",
     "tokend_held_outcomes",
+    "tokend_refresh_rate_needed",
+    "tokend_refresh_rate_limit",
 }
 HISTOGRAMS = {"tokend_refresh_duration_seconds", "tokend_pass_duration_seconds"}
 ALERTS = {
@@ -51,6 +53,7 @@ ALERTS = {
     "TokendDueBacklogNotShrinking",
     "TokendGrantsUnreadable",
     "TokendHeldOutcomes",
+    "TokendCapacityLow",
 }
 METRIC_NAME = re.compile(r"\btokend_[a-z0-9_]+")
 

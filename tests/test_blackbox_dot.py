@@ -421,6 +421,10 @@ def test_refused_client_spends_nothing_and_a_refused_grant_type_blocks_nothing(
 
     def served() -> bool:
         assert fixed.running, fixed.output()
+        # By the fixed daemon: its first pass is done (the old access tokens may still
+        # be valid, and a SIGTERM before its handlers are installed would kill it).
+        if not any(e.get("event") == "pass_done" for e in fixed.log_events()):
+            return False
         users = {r.id: r for r in world.rows() if r.grant_type != "client_credentials"}
         bad = set(world.rejected_access(patience=1)) & set(users)
         return len(users) == N and not bad and all(r.status == "ok" for r in users.values())

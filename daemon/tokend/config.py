@@ -126,7 +126,9 @@ class ProviderConfig:
     token_url: str = "https://auth.justimmo.at/access_token"
     user_url: str = "https://api.justimmo.at/oauth/user/current"
     refresh_token_ttl: Duration = Duration(months=1)
-    rate_limit: float = 5.0  # requests/s to the token endpoint per process; 0 = unlimited
+    # Requests/s to the token endpoint, for ALL replicas together on PostgreSQL (one
+    # budget in the database, tokend.sharedlimit); per process on SQLite. 0 = unlimited.
+    rate_limit: float = 5.0
     timeout: timedelta = timedelta(seconds=10)
     verify_tls: bool = True
 
@@ -152,6 +154,9 @@ class ClientConfig:
 class ScheduleConfig:
     interval: timedelta = timedelta(seconds=60)
     refresh_before: timedelta = timedelta(hours=6)
+    # The margin refresh_before shrinks to when the rate limit cannot afford it
+    # (tokend.planner); well above the pass interval.
+    refresh_margin_min: timedelta = timedelta(minutes=10)
     retry_max: timedelta = timedelta(minutes=15)
     reconsent_before: Duration = Duration(delta=timedelta(days=7))
     concurrency: int = 8
@@ -365,6 +370,14 @@ def _max_grant_age(r: _Reader, section: str, key: str) -> Duration | None:
     return max_age
 
 
+def _refresh_margin_min(r: _Reader, section: str, key: str) -> timedelta:
+    # Unset: 10 minutes, or refresh_before when that is shorter (never an error).
+    before = r.timedelta(section, "refresh_before", ScheduleConfig.refresh_before,
+                         positive=True)
+    return r.timedelta(section, key, min(ScheduleConfig.refresh_margin_min, before),
+                       positive=True)
+
+
 def _listen(r: _Reader, section: str, key: str) -> str:
     listen = r.string(section, key, MetricsConfig.listen)
     if listen:
@@ -427,6 +440,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("schedule", "refresh_before",
          lambda c: _q(format_timedelta(c.schedule.refresh_before)),
          _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "refresh_margin_min",
+         lambda c: _q(format_timedelta(c.schedule.refresh_margin_min)), _refresh_margin_min),
     _Key("schedule", "retry_max", lambda c: _q(format_timedelta(c.schedule.retry_max)),
          _timedelta(ScheduleConfig, positive=True)),
     _Key("schedule", "reconsent_before", lambda c: _q(str(c.schedule.reconsent_before)),
@@ -564,6 +579,17 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
 
     provider = ProviderConfig(**_section(r, "provider"))
     schedule = ScheduleConfig(**_section(r, "schedule"))
+    if schedule.refresh_margin_min > schedule.refresh_before:
+        raise ConfigError(
+            f"schedule.refresh_margin_min ({format_timedelta(schedule.refresh_margin_min)}) "
+            f"must not be longer than schedule.refresh_before "
+            f"({format_timedelta(schedule.refresh_before)})")
+    if "refresh_margin_min" in (raw.get("schedule") or {}) \
+            and schedule.refresh_margin_min < schedule.interval * 2:
+        raise ConfigError(
+            f"schedule.refresh_margin_min ({format_timedelta(schedule.refresh_margin_min)}) "
+            f"must be at least twice schedule.interval ({format_timedelta(schedule.interval)}):"
+            f" a grant is only seen once per pass")
     if schedule.retry_max < schedule.interval:
         raise ConfigError(
             f"schedule.retry_max ({format_timedelta(schedule.retry_max)}) must not be shorter "

@@ -53,6 +53,8 @@ class Daemon:
             config.provider, pool_size=config.schedule.concurrency)
         self.maintenance = Maintenance(config, store, self.provider, metrics=self.metrics,
                                        stop=self.stop_event, clock=self.clock)
+        # Code exchanges at the consent endpoint take slots of the same rate limit.
+        self.provider.limiter = self.maintenance.limiter
         self.notifier = WebhookNotifier(config, store, self.metrics, self.stop_event)
         self.last_success: datetime | None = None
         self.last_result: PassResult | None = None

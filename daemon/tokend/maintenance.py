@@ -26,13 +26,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import circuit, consent, events, leases, logs, owners, policy, spool, state
+from . import circuit, consent, events, leases, logs, owners, planner, policy, spool, state
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
 from .model import Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
-from .ratelimit import RateLimiter
+from .sharedlimit import limiter_for
 from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
@@ -84,7 +84,14 @@ class Maintenance:
         # Shared with the daemon (and its notifier): one signal stops every part.
         self.stop_event = stop if stop is not None else threading.Event()
         self.clock: Clock = clock or store.clock
-        self.limiter = RateLimiter(config.provider.rate_limit)
+        # Shared by all replicas on PostgreSQL (tokend.sharedlimit), per process on SQLite.
+        self.limiter = limiter_for(store, config.provider.rate_limit)
+        # The schedule with the margin the planner chose (tokend.planner); refresh_before
+        # until the first plan.
+        self.schedule = config.schedule
+        self.capacity: planner.Capacity | None = None
+        self._plan_after = 0.0  # monotonic: no plan before this
+        self.metrics.capacity(0.0, self.limiter.rate)
         self.lease = lease_for(config)
         self.pool = ThreadPoolExecutor(config.schedule.concurrency,
                                        thread_name_prefix="tokend-refresh")
@@ -125,6 +132,7 @@ class Maintenance:
             self.store.ensure_client_credentials(cc)
             self._take_over_dead_owners()
             self._probe(result)
+            self._plan()
             self._drain(result)
         finally:
             result.duration = time.monotonic() - started
@@ -142,6 +150,39 @@ class Maintenance:
                             detail="a tokend of this host ended without a clean stop; its "
                                    "grants are due now, in doubt")
 
+    def _plan(self) -> None:
+        """The planner's margin and moves (tokend.planner); at most a tenth of the time
+        goes to planning, so a big table is planned less often than every pass."""
+        started = time.monotonic()
+        if started < self._plan_after:
+            return
+        s = self.config.schedule
+        try:
+            rows = self.store.plan_rows()
+            capacity, moves = planner.plan(rows, self.store.clock(), self.limiter.rate,
+                                           s.refresh_before, s.refresh_margin_min)
+            planned = {r.id: r.next_attempt_at for r in rows}
+            self.store.replan({gid: (old, at) for gid, at in moves.items()
+                               if (old := planned[gid]) is not None})
+        except Exception as exc:  # an optimisation: the pass goes on with the last plan
+            log.warning("plan_failed", error=_error_text(exc))
+            return
+        finally:
+            self._plan_after = time.monotonic() + 9 * (time.monotonic() - started)
+        if capacity.margin != self.schedule.refresh_before:
+            log.warning("refresh_margin_changed", margin_s=capacity.margin.total_seconds(),
+                        aim_s=s.refresh_before.total_seconds(),
+                        needed_per_s=round(capacity.needed, 3), limit_per_s=capacity.limit)
+        if capacity.limit and capacity.ratio > planner.ALERT_RATIO and (
+                self.capacity is None or self.capacity.ratio <= planner.ALERT_RATIO):
+            log.warning("capacity_low", needed_per_s=round(capacity.needed, 3),
+                        limit_per_s=capacity.limit, detail=planner.describe(capacity))
+        self.schedule = replace(s, refresh_before=capacity.margin)
+        self.capacity = capacity
+        self.metrics.capacity(capacity.needed, capacity.limit)
+        if moves:
+            log.info("refreshes_spread", moved=len(moves))
+
     def _drain(self, result: PassResult) -> None:
         concurrency = self.config.schedule.concurrency
         batch = min(self.config.schedule.batch_size, concurrency * 2)
@@ -151,8 +192,12 @@ class Maintenance:
         most = 2 * concurrency + batch - 1
         if not self.limiter.unlimited:
             # ...also at the rate limiter's pace: the last one claimed must start well
-            # within its lease, or another replica may take it over and spend its token.
-            fit = int(self.limiter.rate * self.lease.total_seconds() / 2)
+            # within its lease, or another replica may take it over and spend its token;
+            # and a grant due now must not queue behind claims longer than a quarter of
+            # the smallest margin (tokend.planner: its token could expire meanwhile).
+            wait = min(self.lease.total_seconds() / 2,
+                       self.config.schedule.refresh_margin_min.total_seconds() / 4)
+            fit = int(self.limiter.rate * wait)
             most = max(1, min(most, fit))
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
@@ -241,7 +286,7 @@ class Maintenance:
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
         ``priority``: an application waits for it (:mod:`tokend.ondemand`).
         """
-        s = self.config.schedule
+        s = self.schedule
         now = self.clock()
         client = self.config.clients.get(grant.client)
         if client is None:
@@ -253,7 +298,7 @@ class Maintenance:
             status, reason = policy.lifecycle(grant, now, s)
             # On demand (priority) the application's 401 is the reason to refresh.
             if status == Status.RECONSENT_REQUIRED or (
-                    not priority and not policy.needs_refresh(grant, now, s)):
+                    not priority and not policy.refresh_due(grant, now, s)):
                 # Due for a status change only (e.g. entering the re-consent window).
                 outcome = Outcome(status=status, reason=reason,
                                   next_attempt_at=policy.next_attempt(
@@ -311,7 +356,7 @@ class Maintenance:
 
     def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
         now = self.clock()
-        outcome = policy.after_success(grant, resp, now, self.config.schedule,
+        outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
         saved = self._save(grant, outcome, must=True)
@@ -327,7 +372,7 @@ class Maintenance:
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
                 client: ClientConfig | None) -> str:
-        outcome = policy.after_failure(grant, err, now, self.config.schedule, rand=self.rand())
+        outcome = policy.after_failure(grant, err, now, self.schedule, rand=self.rand())
         kind = err.kind.value
         self.metrics.failure(grant.client, grant.grant_type, kind, err.error)
         level = "warning" if err.kind is ErrorKind.TRANSIENT else "error"
@@ -406,7 +451,7 @@ class Maintenance:
         the daemon stops (the lease then expires and the grant is simply retried).
         """
         outcome, reminder = policy.remind(grant, outcome, self.clock(),
-                                          self.config.schedule)
+                                          self.schedule)
         event = self._event(grant, outcome, reminder)
         if must:
             return self._save_rotated(grant, outcome, event)

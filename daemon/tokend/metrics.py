@@ -72,6 +72,16 @@ class Metrics:
             "tokend_held_outcomes", "Refreshes whose rotated refresh token the database has "
             "not taken yet (spooled to <state dir>/spool, saved as soon as it can be).",
             registry=r)
+        # needed / limit is the table's use of the provider's rate limit (tokend.planner):
+        # the TokendCapacity alert fires above 0.8.
+        self.rate_needed = Gauge(
+            "tokend_refresh_rate_needed",
+            "Requests/s the grant table needs to keep every access token alive "
+            "(refreshed at schedule.refresh_margin_min, including backlogs ahead).", registry=r)
+        self.rate_limit = Gauge(
+            "tokend_refresh_rate_limit",
+            "provider.rate_limit in requests/s (all replicas together on PostgreSQL; "
+            "0: unlimited).", registry=r)
         self.build_info.labels(__version__).set(1)
         self._known_clients: set[str] = set()
         self._lock = threading.Lock()
@@ -113,6 +123,10 @@ class Metrics:
         self.pass_duration.observe(seconds)
         if finished is not None:
             self.pass_last_success.set(finished.timestamp())
+
+    def capacity(self, needed: float, limit: float) -> None:
+        self.rate_needed.set(needed)
+        self.rate_limit.set(limit)
 
     def notified(self, event: str, outcome: str) -> None:
         self.notifications.labels(event, outcome).inc()

@@ -69,7 +69,12 @@ def next_attempt(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | N
     """The next moment the daemon has work on this grant (None: never on its own)."""
     if grant.status not in ACTIVE:
         return None
-    moments = [refresh_at(grant, s.refresh_before) or now]
+    return min([refresh_at(grant, s.refresh_before) or now, *_status_moments(grant, now, s)])
+
+
+def _status_moments(grant: Grant, now: datetime, s: ScheduleConfig) -> list[datetime]:
+    """The moments a grant has work other than its refresh (status changes, reminders)."""
+    moments: list[datetime] = []
     if grant.grant_type != GrantType.CLIENT_CREDENTIALS:
         if grant.refresh_expires_at is not None:
             moments.append(grant.refresh_expires_at)
@@ -81,7 +86,7 @@ def next_attempt(grant: Grant, now: datetime, s: ScheduleConfig) -> datetime | N
         reminder = next_reminder(grant, now, s)
         if reminder is not None:
             moments.append(reminder)
-    return min(moments)
+    return moments
 
 
 # ---------------------------------------------------------------------- reminders
@@ -155,6 +160,18 @@ def remind(grant: Grant, outcome: Outcome, now: datetime,
 def needs_refresh(grant: Grant, now: datetime, s: ScheduleConfig) -> bool:
     at = refresh_at(grant, s.refresh_before)
     return at is None or at <= now
+
+
+def refresh_due(grant: Grant, now: datetime, s: ScheduleConfig) -> bool:
+    """Refresh a claimed grant now? When its margin says so, and also when it was due
+    for no reason but its refresh: moved earlier by the planner (tokend.planner, which
+    spreads a wall of grants at the rate limit's pace), a retry, or an operator's
+    enable. Due for a status change or a reminder only, it is not refreshed early."""
+    if needs_refresh(grant, now, s):
+        return True
+    return grant.next_attempt_at is not None and grant.next_attempt_at <= now \
+        and due_reminder(grant, now, s) is None \
+        and all(m > now for m in _status_moments(grant, now, s))
 
 
 def backoff(failures: int, s: ScheduleConfig, *, retry_after: float | None = None,

@@ -23,9 +23,11 @@ from __future__ import annotations
 import base64
 import http.client
 import http.cookiejar
+import os
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 from urllib.parse import parse_qsl, quote_plus, urlencode, urlsplit, urlunsplit
 
 import requests
@@ -86,6 +88,10 @@ def _require_token(value: str, what: str) -> None:
         raise ValueError(f"{what} is empty or not printable ASCII text")
 
 
+class Admission(Protocol):
+    def acquire(self, stop: threading.Event | None = None) -> bool: ...
+
+
 class ProviderClient:
     """Talks to one provider; safe to share between threads."""
 
@@ -102,13 +108,22 @@ class ProviderClient:
         if max_body < 1:
             raise ValueError("max_body must be at least 1")
         self.provider = provider
+        # Code exchanges count against provider.rate_limit too; the daemon and
+        # ``tokend authorize`` set the process's limiter here (refreshes take their
+        # slot in tokend.maintenance, before the lease check).
+        self.limiter: Admission | None = None
         self._clock = clock or _utc_now
         self._max_body = max_body
         seconds = provider.timeout.total_seconds()
         self._timeout = (seconds, seconds)
-        # Passed per request: a session-level verify=False loses against
-        # REQUESTS_CA_BUNDLE in requests' environment merging.
-        self._verify = provider.verify_tls
+        # requests reads the environment (proxy variables, REQUESTS_CA_BUNDLE /
+        # CURL_CA_BUNDLE, .netrc) on EVERY request while trust_env is on, a measurable
+        # part of the CPU a refresh costs (docs/benchmarks.md). A daemon's environment
+        # does not change: it is read once here, with requests' own rules, and the
+        # session then trusts nothing else. (.netrc never applied: session.auth is set.)
+        self._verify: bool | str = provider.verify_tls and (
+            os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True)
+        self._proxies: dict[str, dict[str, str]] = {}
 
         session = requests.Session()
         adapter = requests.adapters.HTTPAdapter(
@@ -121,6 +136,7 @@ class ProviderClient:
         session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         session.auth = _NoAuth()
+        session.trust_env = False
         self._session = session
 
     # ----------------------------------------------------------------- token endpoint
@@ -141,6 +157,8 @@ class ProviderClient:
         _require_token(code, "authorization code")
         if not pkce.is_verifier(code_verifier):
             raise ValueError("code verifier is not 43 to 128 unreserved characters")
+        if self.limiter is not None:
+            self.limiter.acquire()
         return self._token_request(
             client, "authorization_code",
             {"code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier},
@@ -235,6 +253,7 @@ class ProviderClient:
             with self._session.request(
                 method, url, data=data, headers=headers, timeout=self._timeout,
                 verify=self._verify, allow_redirects=False, stream=True,
+                proxies=self._proxies_for(url),
             ) as response:
                 body, truncated = self._read(response)
                 return response.status_code, response.headers, body, truncated, sent_at
@@ -243,6 +262,13 @@ class ProviderClient:
         # Raised outside the except block so that the transport exception is not
         # attached as __context__ (see the module docstring).
         raise failure
+
+    def _proxies_for(self, url: str) -> dict[str, str]:
+        """The environment's proxies for ``url`` (honouring no_proxy), looked up once."""
+        found = self._proxies.get(url)
+        if found is None:
+            found = self._proxies[url] = dict(requests.utils.get_environ_proxies(url))
+        return found
 
     def _read(self, response: requests.Response) -> tuple[bytes, bool]:
         """At most ``max_body`` bytes and whether there was more (then the connection

@@ -1,4 +1,7 @@
-"""A per-process limit on how many requests per second start towards the provider.
+"""An in-process limit on how many requests per second start towards the provider.
+
+Used as is on SQLite (one process); on PostgreSQL ``tokend.sharedlimit`` keeps the same
+spacing in the database, so all replicas together hold ``provider.rate_limit``.
 
 The promise is strict: in ANY 1-second window at most ``rate`` requests start (a
 provider that counts per IP does not average). It is kept by spacing starts at least

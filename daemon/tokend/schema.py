@@ -175,3 +175,13 @@ class ReplicaRow(Base):
     open_circuits: Mapped[str | None] = mapped_column(Text)  # JSON list of client names
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class RateSlotRow(Base):
+    """The next free start of a rate limit shared by all replicas (migration 0005,
+    tokend.sharedlimit; PostgreSQL only)."""
+
+    __tablename__ = "rate_slots"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_at: Mapped[datetime] = mapped_column(UTCDateTime)

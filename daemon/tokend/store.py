@@ -64,6 +64,7 @@ from .model import (
     Status,
     UnreadableGrant,
 )
+from .planner import Row
 from .schema import EventRow, GrantRow, ReplicaRow, UTCDateTime
 
 G = cast(Table, GrantRow.__table__)
@@ -572,6 +573,42 @@ class Store:
         if self.dialect == "postgresql":
             q = q.with_for_update(skip_locked=True)
         return cast("Select[Any]", q)
+
+    def plan_rows(self) -> list[Row]:
+        """What :mod:`tokend.planner` sees: the maintained grants not leased now."""
+        now = self.clock()
+        # Raw values, decoded row by row: an unreadable row is left out of the plan
+        # (the claim sets it aside and logs it), it does not end the pass.
+        raw = [type_coerce(c, NullType()) for c in (G.c.id, G.c.obtained_at,
+                                                    G.c.access_expires_at, G.c.next_attempt_at)]
+        q = select(*raw).where(
+            G.c.status.in_([s.value for s in ACTIVE]), G.c.next_attempt_at.is_not(None),
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+        rows: list[Row] = []
+        with self.tx(readonly=True) as conn:
+            for r in conn.execute(q).all():
+                try:
+                    rows.append(Row(_integer(r[0]), _timestamp(r[1]), _timestamp(r[2]),
+                                    _timestamp(r[3])))
+                except (TypeError, ValueError, OverflowError):
+                    continue
+        return rows
+
+    def replan(self, moves: Mapping[int, tuple[datetime, datetime]]) -> int:
+        """Move planned moments (id -> (as read, new)); a row changed meanwhile (refreshed,
+        leased, edited) keeps its own."""
+        if not moves:
+            return 0
+        now = self.clock()
+        stmt = update(G).where(
+            G.c.id == bindparam("m_id"),
+            G.c.next_attempt_at == bindparam("m_old", type_=G.c.next_attempt_at.type),
+            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)),
+        ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
+        with self.tx() as conn:
+            conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
+                                for gid, (old, new) in moves.items()])
+        return len(moves)
 
     def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
         """Lease up to ``limit`` due grants to ``owner`` and commit the lease.

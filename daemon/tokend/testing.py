@@ -273,5 +273,5 @@ def reset_pg(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("DROP TABLE IF EXISTS grants, events, consent_states, replicas, "
-                          "alembic_version CASCADE"))
+                          "rate_slots, alembic_version CASCADE"))
     engine.dispose()

@@ -1,0 +1,124 @@
+"""The pass plans (issue 13): walls are pulled earlier in the store, a grant pulled earlier
+is refreshed when claimed, and the capacity gauges are set (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import cast
+
+import pytest
+from sqlalchemy import Table, update
+
+from conftest import CLIENT_ID, CLIENT_SECRET
+from tokend.config import Config
+from tokend.fake import FakeJustimmo
+from tokend.maintenance import Maintenance
+from tokend.metrics import Metrics
+from tokend.model import NewGrant
+from tokend.policy import initial
+from tokend.provider import ProviderClient
+from tokend.schema import GrantRow
+from tokend.store import Store
+
+G = cast(Table, GrantRow.__table__)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeJustimmo]:
+    with FakeJustimmo(clients={CLIENT_ID: CLIENT_SECRET}) as f:
+        yield f
+
+
+def seed(store: Store, config: Config, fake: FakeJustimmo, n: int, *,
+         expires_in: timedelta, life: timedelta) -> list[int]:
+    now = datetime.now(UTC)
+    issued = fake.issue_many(CLIENT_ID, n, user_id_start=1)
+    news = [NewGrant(
+        client="main", grant_type="authorization_code", access_token=t.access_token,
+        access_expires_at=now + expires_in, obtained_at=now + expires_in - life,
+        refresh_token=t.refresh_token, refresh_expires_at=t.refresh_expires_at,
+        user_id=str(t.user_id), tenant_id=str(t.tenant_id)) for t in issued]
+    return store.insert_grants(news, lambda g: initial(g, now, config.schedule))
+
+
+def limited(config: Config, rate: float = 2.0) -> Config:
+    return replace(config, provider=replace(config.provider, rate_limit=rate))
+
+
+def engine(config: Config, store: Store, metrics: Metrics) -> Maintenance:
+    return Maintenance(config, store, ProviderClient(config.provider), metrics=metrics,
+                       rand=lambda: 1.0)
+
+
+def test_a_wall_is_spread_at_the_limits_pace_in_the_store(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo) -> None:
+    config = limited(make_config(fake=fake, schedule_extra='refresh_before = "30m"\n'
+                                                    'refresh_margin_min = "5m"'))
+    store = store_for(config)
+    # 60 one-hour tokens ending together in 40 min: all planned ~10 min from now
+    ids = seed(store, config, fake, 60, expires_in=timedelta(minutes=40),
+               life=timedelta(hours=1))
+    before = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+    metrics = Metrics()
+    m = engine(config, store, metrics)
+    try:
+        m._plan()
+        after = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+        pace = 1 / (0.9 * 2)
+        moved = [gid for gid in ids if after[gid] != before[gid]]
+        assert len(moved) >= 50
+        assert all(after[gid] < before[gid] for gid in moved)
+        planned = sorted(after[gid] for gid in moved)
+        assert min((b - a).total_seconds() for a, b in pairwise(planned)) >= pace - 0.01
+        assert metrics.registry.get_sample_value("tokend_refresh_rate_limit") == 2
+        needed = metrics.registry.get_sample_value("tokend_refresh_rate_needed")
+        assert needed is not None and needed > 0
+        assert m.capacity is not None and m.capacity.grants == 60
+    finally:
+        m.close()
+
+
+def test_a_grant_pulled_earlier_is_refreshed_when_claimed(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo) -> None:
+    config = make_config(fake=fake, schedule_extra='refresh_before = "30m"')
+    store = store_for(config)
+    [gid] = seed(store, config, fake, 1, expires_in=timedelta(hours=2), life=timedelta(hours=3))
+    # the planner (of this or another replica) moved it 1 h before its margin
+    with store.tx() as conn:
+        conn.execute(update(G).where(G.c.id == gid).values(
+            next_attempt_at=datetime.now(UTC) - timedelta(seconds=1)))
+    m = engine(config, store, Metrics())
+    try:
+        m._plan_after = float("inf")  # this pass does not plan: only the claim is tested
+        result = m.run_pass()
+        assert (result.claimed, result.refreshed) == (1, 1)
+        assert fake.stats()["rotations"] == 1
+    finally:
+        m.close()
+
+
+def test_a_leased_grant_is_not_moved(make_config: Callable[..., Config],
+                                     store_for: Callable[..., Store],
+                                     fake: FakeJustimmo) -> None:
+    config = limited(make_config(fake=fake, schedule_extra='refresh_before = "30m"\n'
+                                                    'refresh_margin_min = "5m"'))
+    store = store_for(config)
+    ids = seed(store, config, fake, 30, expires_in=timedelta(minutes=40),
+               life=timedelta(hours=1))
+    rows = store.plan_rows()
+    assert len(rows) == 30
+    with store.tx() as conn:  # one grant is in flight in another replica
+        conn.execute(update(G).where(G.c.id == ids[0]).values(
+            lease_owner="other", lease_expires_at=datetime.now(UTC) + timedelta(minutes=5)))
+    moves = {r.id: (at, datetime.now(UTC)) for r in rows if (at := r.next_attempt_at)}
+    store.replan(moves)
+    now = datetime.now(UTC)
+    after = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+    assert after[ids[0]] > now + timedelta(minutes=5)
+    assert all(after[i] <= now for i in ids[1:])
+    assert len(store.plan_rows()) == 29

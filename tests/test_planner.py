@@ -1,0 +1,218 @@
+"""The capacity planner as pure functions (issue 13), with tables of cases, and the
+design decisions replayed in virtual time (bench/capacity_sim.py, docs/capacity.md)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tokend import planner, policy
+from tokend.config import ScheduleConfig
+from tokend.durations import Duration
+from tokend.model import Grant, Status
+from tokend.planner import Row
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import itertools
+
+import capacity_sim
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+S = timedelta(seconds=1)
+
+
+def rows(n: int, *, life: float = 60.0, expiry: float = 60.0, due: float | None = None,
+         start: int = 1, obtained: float | None = None) -> list[Row]:
+    """n grants whose tokens (lifetime ``life``) end at ``expiry`` s, planned at ``due``."""
+    got = expiry - life if obtained is None else obtained
+    at = expiry - 20.0 if due is None else due
+    return [Row(i, T0 + got * S, T0 + expiry * S, T0 + at * S) for i in range(start, start + n)]
+
+
+@pytest.mark.parametrize(("lifetimes", "limit", "aim", "floor", "margin"), [
+    # fits at refresh_before: keep it
+    ([60.0] * 150, 5.0, 20, 6, 20),
+    # 270 grants of 60 s at 5/s (budget 4.5/s): needs lifetime - margin >= 60 -> the floor
+    ([60.0] * 270, 5.0, 20, 6, 6),
+    # 200 grants: 200 / (60 - m) <= 4.5 -> m <= 15.5
+    ([60.0] * 200, 5.0, 20, 6, 15),
+    # unlimited: the aim
+    ([60.0] * 10_000, 0.0, 20, 6, 20),
+    # mixed lifetimes: 100 x 60 s + 100 x 120 s need 3.5/s at 20 s: fits
+    ([60.0] * 100 + [120.0] * 100, 5.0, 20, 6, 20),
+    # 150 x 60 s + 150 x 120 s: 150/(60-m) + 150/(120-m) <= 4.5 -> m <= 11 s
+    ([60.0] * 150 + [120.0] * 150, 5.0, 20, 6, 11),
+    # the day scale: 400,000 one-day tokens do not fit at 5/s with any margin -> floor
+    ([86400.0] * 400_000, 5.0, 6 * 3600, 600, 600),
+    # 300,000 one-day tokens: 300000 / (86400 - m) <= 4.5 -> m <= 19733 s (5.5 h)
+    ([86400.0] * 300_000, 5.0, 6 * 3600, 600, 19733),
+])
+def test_margin_adapts_to_the_budget(lifetimes: list[float], limit: float, aim: int,
+                                     floor: int, margin: int) -> None:
+    got = planner.margin_for(lifetimes, limit, aim * S, floor * S)
+    assert abs(got.total_seconds() - margin) <= 1
+
+
+def test_levelling_a_bulk_import_spreads_it_in_expiry_order() -> None:
+    # 250 grants imported together, all ending at 60 s, planned at 40 s.
+    table = rows(250, expiry=60.0, due=40.0, obtained=0.0)
+    moves = planner.level(table, T0, 5.0)
+    pace = 1 / (planner.BUDGET * 5.0)
+    # moved ones that are not clamped at the token's start: evenly at the pace (a grant
+    # within MOVE_MIN of its moment keeps it: a clump of at most 1 s x the rate)
+    ahead = sorted(at for at in moves.values() if at > T0)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(ahead)]
+    assert min(gaps) >= pace - 1e-6
+    # never later than planned, never before the token was obtained
+    assert all(T0 <= at <= T0 + 40 * S for at in moves.values())
+    assert len(moves) == 245  # the last four stay within MOVE_MIN of their moment
+
+
+@pytest.mark.parametrize(("table", "now", "moved"), [
+    # steady state, spread 1 s apart at 5/s: nothing moves
+    ([Row(i, T0 - 40 * S + i * S, T0 + 20 * S + i * S, T0 + i * S) for i in range(1, 50)],
+     T0, 0),
+    # outage backlog: 100 overdue grants stay where they are (due now, by expiry);
+    # the 20 due in 2 s behind them are pulled into the queue (all but the 5 within
+    # MOVE_MIN of their moment)
+    (rows(100, expiry=30.0, due=-60.0) + rows(20, expiry=31.0, due=2.0, start=101),
+     T0, 15),
+    # client credentials (1 h tokens fetched together): the same rule, rows carry dates
+    (rows(30, life=3600.0, expiry=3000.0, due=2000.0), T0, 25),
+    # unlimited: nothing to level
+    (rows(100, expiry=60.0), T0, 0),
+])
+def test_level_moves(table: list[Row], now: datetime, moved: int) -> None:
+    limit = 0.0 if moved == 0 and len(table) == 100 else 5.0
+    assert len(planner.level(table, now, limit)) == moved
+
+
+def test_level_never_moves_a_grant_later() -> None:
+    table = rows(50, expiry=600.0, due=100.0) + rows(50, expiry=60.0, due=40.0, start=51)
+    for gid, at in planner.level(table, T0, 5.0).items():
+        assert at <= next(r.next_attempt_at for r in table if r.id == gid)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("table", "ratio_min", "ratio_max"), [
+    (rows(150, expiry=60.0), 0.5, 0.6),  # 0.5 x the limit
+    (rows(270, expiry=60.0), 0.95, 1.05),  # 0.9 x: needs all of it at the floor
+    (rows(360, expiry=60.0), 1.3, 1.4),  # 1.2 x: over
+    # a backlog: 100 grants ending within 10 s need 100 / (10 - 6 -> 6) s
+    (rows(100, expiry=10.0, life=3600.0), 3.0, 3.5),
+])
+def test_needed_rate(table: list[Row], ratio_min: float, ratio_max: float) -> None:
+    ratio = planner.needed_rate(table, T0, 6 * S) / 5.0
+    assert ratio_min <= ratio <= ratio_max
+
+
+def test_describe_says_it_in_words() -> None:
+    c = planner.Capacity(limit=5.0, needed=4.6, margin=600 * S, aim=6 * 3600 * S,
+                         floor=600 * S, grants=400_000)
+    text = planner.describe(c)
+    assert "400000 grants need 4.60 of 5 refreshes/s (92% of the limit)" in text
+    assert "refresh margin shrunk to 10m (aim 6h, floor 10m)" in text
+    assert "near capacity" in text
+    over = planner.describe(planner.Capacity(5.0, 6.0, 600 * S, 600 * S, 600 * S, 1))
+    assert "OVER CAPACITY" in over
+
+
+# ---------------------------------------------------------------- decided by simulation
+
+
+@pytest.mark.parametrize(("fraction", "kept"), [(0.5, 0.5), (0.9, 0.9)])
+def test_simulation_keeps_every_grant_up_to_the_limit(fraction: float, kept: float) -> None:
+    r = capacity_sim.run(capacity_sim.scaled(fraction), 300.0)
+    assert r.late == 0
+    assert r.kept_ratio == pytest.approx(kept)
+
+
+def test_simulation_the_old_policy_loses_a_bulk_import() -> None:
+    """The issue's measurement: refresh_before x 0-10 % jitter keeps about a third."""
+    r = capacity_sim.run(capacity_sim.scaled(0.9, adaptive=False, levelling=False), 300.0)
+    assert r.late_grants > 100
+
+
+def test_simulation_an_adaptive_margin_alone_is_not_enough() -> None:
+    """Without levelling, a bulk import is still a wall: the margin is not the cure."""
+    r = capacity_sim.run(capacity_sim.scaled(0.9, levelling=False), 300.0)
+    assert r.late_grants > 100
+
+
+def test_simulation_over_the_limit_alerts_before_the_first_expiry() -> None:
+    r = capacity_sim.run(capacity_sim.scaled(1.2), 120.0)
+    assert r.alert_before_expiry
+    assert not capacity_sim.run(capacity_sim.scaled(0.5), 60.0).alert_before_expiry
+
+
+def test_simulation_mixed_lifetimes_and_an_outage_backlog() -> None:
+    # 200 grants of 60 s and 100 of 120 s (0.92 x the limit's budget at the floor), their
+    # tokens ending in a mixed order anywhere from 30 to 90 s: the backlog an outage leaves
+    lifetimes = [60.0] * 200 + [120.0] * 100
+    n = len(lifetimes)
+    first = [30.0 + 60.0 * ((i * 7) % n) / n for i in range(n)]
+    r = capacity_sim.run(capacity_sim.Sim(lifetimes=lifetimes, rate=5.0, refresh_before=20.0,
+                                          margin_min=6.0, first_expiry=first), 400.0)
+    assert r.late == 0
+    assert r.alert_before_expiry  # near the limit: said before any token ends
+
+
+# ---------------------------------------------------------------- policy.refresh_due
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+SCHED = ScheduleConfig()  # refresh_before 6h, reconsent_before 7d
+
+
+def grant(**kw: object) -> Grant:
+    base = Grant(
+        id=7, client="main", grant_type="authorization_code", user_id="1", tenant_id="2",
+        status=Status.OK, reason=None,
+        access_expires_at=NOW + timedelta(hours=12), refresh_expires_at=NOW + timedelta(days=20),
+        obtained_at=NOW - timedelta(hours=12), consented_at=NOW - timedelta(days=10),
+        failure_count=0, last_error=None, next_attempt_at=NOW - S, in_doubt=False,
+        token_version=1, has_refresh_token=True, created_at=NOW, updated_at=NOW,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("case", "g", "due"), [
+    ("margin reached", grant(access_expires_at=NOW + timedelta(hours=5)), True),
+    ("moved earlier by the planner", grant(), True),
+    ("client credentials moved earlier", grant(grant_type="client_credentials",
+                                                refresh_expires_at=None), True),
+    ("not due at all (claimed early by a clock skew)", grant(next_attempt_at=NOW + S), False),
+    ("due to enter the re-consent window",
+     grant(refresh_expires_at=NOW + timedelta(days=7) - S), False),
+    ("due for a reminder", grant(refresh_expires_at=NOW + timedelta(days=3) - S), False),
+])
+def test_refresh_due(case: str, g: Grant, due: bool) -> None:
+    s = replace(SCHED, reminders=(Duration(delta=timedelta(days=3)),))
+    if case == "due for a reminder":
+        g = replace(g, status=Status.RECONSENT_DUE)
+    assert policy.refresh_due(g, NOW, s) is due, case
+
+
+# ---------------------------------------------------------------- the environment, read once
+
+
+def test_provider_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """requests' per-request environment lookups cost CPU per refresh (issue 13, item 5):
+    the client reads proxies and the CA bundle once, with requests' own rules."""
+    from tokend.config import ProviderConfig
+    from tokend.provider import ProviderClient
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/ssl/custom.pem")
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "tokens.example")
+    with ProviderClient(ProviderConfig()) as client:
+        assert client._session.trust_env is False
+        assert client._verify == "/etc/ssl/custom.pem"
+        assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
+        assert "http" not in client._proxies_for("http://tokens.example/x")
+        monkeypatch.setenv("HTTP_PROXY", "http://other.invalid:1")  # read once: unchanged
+        assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
+    with ProviderClient(ProviderConfig(verify_tls=False)) as client:
+        assert client._verify is False
