@@ -1,0 +1,244 @@
+"""The database: the engine, SQLite's write lock, transactions, schema checks.
+
+Transactions are short and explicit. On SQLite every writing transaction is
+``BEGIN IMMEDIATE`` so two claimers serialise instead of failing on upgrade (threads of
+one process queue on a lock first); on PostgreSQL claims use ``FOR UPDATE SKIP LOCKED``
+so replicas never wait for each other. Database errors become tokend's own here, and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.pool import NullPool, QueuePool
+
+from .errors import SchemaError, StoreConflict, StoreError
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An engine configured for tokend's access pattern on either backend."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            _create_private_file(Path(path))
+            # Pooled: opening a connection costs four PRAGMAs, and closing the last one
+            # checkpoints and deletes the WAL, which the next commit then recreates;
+            # per saved grant that was most of the database time. An idle pooled
+            # connection holds no lock (no transaction is open between uses).
+            engine = create_engine(url, poolclass=QueuePool, pool_size=pool_size,
+                                   max_overflow=pool_size,
+                                   connect_args={"timeout": 30, "check_same_thread": False})
+        else:
+            engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" below decide how each transaction starts.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit (a saved rotated refresh token above all) is on disk when it
+            # returns, also across an OS crash or power cut; NORMAL may lose the last ones.
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
+                           pool_pre_ping=True, pool_recycle=1800,
+                           connect_args={"connect_timeout": 10})
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(ctx: ExceptionContext) -> None:
+        # A session on a node that became read-only (a failover; SQLSTATE 25006) stays
+        # read-only for its lifetime: drop the pool, so the next try connects anew.
+        if getattr(ctx.original_exception, "sqlstate", None) == "25006":
+            ctx.is_disconnect = True
+
+    if engine.dialect.driver == "psycopg":
+        @event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.adapters.register_loader("timestamptz", _lenient_timestamptz())
+
+    return engine
+
+
+@cache
+def _lenient_timestamptz() -> type:
+    """psycopg's timestamptz loader, but a value Python cannot hold ('infinity', years
+    past 9999) comes back as its text instead of failing the whole fetch: the row it is
+    in is then set aside alone (``Store._grant``)."""
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestamptzLoader
+
+    class Lenient(TimestamptzLoader):
+        def load(self, data: Any) -> Any:
+            try:
+                return super().load(data)
+            except DataError:
+                return bytes(data).decode("utf-8", "replace")
+
+    return Lenient
+
+
+_WRITE_LOCKS: dict[str, threading.RLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_write_lock(engine: Engine) -> threading.RLock:
+    """One lock per SQLite database per process, held around each writing transaction.
+
+    SQLite admits one writer at a time; a connection that finds the write lock taken
+    polls in its busy handler with sleeps of 1, 2, 5, 10... ms. With a worker thread per
+    concurrent refresh that turned every save into a wait far longer than the save
+    itself; threads of one process now queue here instead (other processes are still
+    kept out by SQLite and ``busy_timeout``).
+    """
+    key = str(engine.url)
+    with _WRITE_LOCKS_GUARD:
+        return _WRITE_LOCKS.setdefault(key, threading.RLock())
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (it would honour the umask)."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", "tokend:migrations")
+    return cfg
+
+
+class Database:
+    """An engine and its short transactions: the one place SQLAlchemy's errors become
+    tokend's (:class:`StoreError`, :class:`StoreConflict`, :class:`SchemaError`)."""
+
+    def __init__(self, engine: Engine, *, clock: Clock = utcnow) -> None:
+        self.engine = engine
+        self.clock = clock
+        self._write_lock: AbstractContextManager[Any] = (
+            _sqlite_write_lock(engine) if engine.dialect.name == "sqlite" else nullcontext())
+
+    @contextmanager
+    def tx(self, *, readonly: bool = False, single: bool = False) -> Iterator[Connection]:
+        """A short transaction. ``single``: the caller runs ONE writing statement, which
+        PostgreSQL then runs on its own in autocommit (as durable, and atomic as any
+        single statement is), saving the BEGIN and COMMIT round trips."""
+        try:
+            with nullcontext() if readonly else self._write_lock, \
+                    self.engine.connect() as raw:
+                conn = raw
+                if readonly:
+                    conn = raw.execution_options(readonly=True)
+                elif single and self.dialect == "postgresql":
+                    conn = raw.execution_options(isolation_level="AUTOCOMMIT")
+                with conn.begin():
+                    yield conn
+        # The one boundary for the database's errors: whatever SQLAlchemy raises (a lost
+        # connection, a read-only node, bad data, a pool timeout) is a StoreError, which
+        # every caller handles; a rotated token is never lost to an unexpected type.
+        except IntegrityError as exc:
+            raise StoreConflict(f"database constraint: {_short(exc)}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database error: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def revision(self) -> str | None:
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def head(self) -> str | None:
+        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
+
+    def upgrade(self) -> tuple[str | None, str | None]:
+        """Apply pending migrations; returns (revision before, revision after)."""
+        before = self.revision()
+        self._refuse_unknown(before)
+        cfg = _alembic_config()
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {_short(exc)}") from exc
+        return before, self.revision()
+
+    def check_schema(self, *, auto_upgrade: bool) -> None:
+        """Make sure the schema is current; an empty SQLite database is set up."""
+        try:
+            current = self.revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
+        if current == self.head():
+            return
+        self._refuse_unknown(current)
+        if auto_upgrade or (current is None and self.dialect == "sqlite"):
+            self.upgrade()
+            return
+        raise SchemaError(
+            f"database schema is at {current or 'nothing'}, expected {self.head()}: "
+            "run `tokend db upgrade`"
+        )
+
+    def _refuse_unknown(self, current: str | None) -> None:
+        """A revision this tokend has no migration for was written by a newer tokend."""
+        if current is None:
+            return
+        try:
+            ScriptDirectory.from_config(_alembic_config()).get_revision(current)
+        except CommandError:
+            raise SchemaError(
+                f"database schema is at {current}, newer than this tokend (which knows up "
+                f"to {self.head()}): upgrade tokend on this host"
+            ) from None
+
+
+def _short(exc: BaseException) -> str:
+    """One line, no SQL parameters (they may hold tokens)."""
+    orig = getattr(exc, "orig", None)
+    text_ = str(orig if orig is not None else exc).strip().splitlines()
+    return text_[0][:300] if text_ else type(exc).__name__
