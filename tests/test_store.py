@@ -343,3 +343,41 @@ def test_migration_0002_keeps_rows_and_stops_id_reuse(tmp_path: Path, key_file: 
         assert gid == 4
     finally:
         store.close()
+
+
+def test_find_is_one_select_for_a_grant_of_a_client(store: Store) -> None:
+    from sqlalchemy import event
+
+    from tokend.model import GrantType, UnreadableGrant
+
+    ids = store.insert_grants([new(i) for i in range(1, 30)] + [new(5, tenant_id="8")], not_due)
+    store.ensure_client_credentials(["main"])
+    [cc] = [g.id for g in store.iter_grants(client="main")
+            if g.grant_type == "client_credentials"]
+    statements: list[str] = []
+
+    def count(_conn: object, _cur: object, stmt: str, *_a: object) -> None:
+        if stmt.lstrip().upper().startswith("SELECT"):
+            statements.append(stmt)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        found = store.find("main", "1005", GrantType.AUTHORIZATION_CODE)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    assert len(statements) == 1, statements
+    assert found is not None and not isinstance(found, UnreadableGrant)
+    assert (found.id, found.tenant_id) == (ids[-1], "8")  # the newest of that user
+    cc_found = store.find("main", None, GrantType.CLIENT_CREDENTIALS)
+    assert cc_found is not None and cc_found.id == cc
+    assert store.find("main", "1005", GrantType.CLIENT_CREDENTIALS) is None
+    assert store.find("main", "9999", GrantType.AUTHORIZATION_CODE) is None
+    assert store.find("other", "1005", GrantType.AUTHORIZATION_CODE) is None
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE grants SET status = 'bogus' WHERE id = {ids[-1]}"))
+    found = store.find("main", "1005", GrantType.AUTHORIZATION_CODE)
+    assert found is not None and found.id == ids[4]  # the readable one
+    with store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE grants SET status = 'bogus' WHERE id = {ids[4]}"))
+    found = store.find("main", "1005", GrantType.AUTHORIZATION_CODE)
+    assert isinstance(found, UnreadableGrant) and found.id == ids[-1]

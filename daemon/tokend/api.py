@@ -117,16 +117,13 @@ class TokenStore:
         self.config.client(client)  # unknown client: a clear error
         uid = None if user_id is None else str(user_id)
         kind = GrantType.CLIENT_CREDENTIALS if uid is None else GrantType.AUTHORIZATION_CODE
-        rows = list(self._store.iter_rows(client=client, user_id=uid))
-        found = [g for g in rows if isinstance(g, Grant)
-                 and g.grant_type == kind and (uid is not None or g.user_id is None)]
-        bad = [r for r in rows if isinstance(r, UnreadableGrant)]
-        if not found and bad and uid is not None:
-            raise GrantUnavailable(f"grant {bad[-1].id} is unreadable: {bad[-1].error}")
-        if not found:
+        found = self._store.find(client, uid, kind)
+        if isinstance(found, UnreadableGrant) and uid is not None:
+            raise GrantUnavailable(f"grant {found.id} is unreadable: {found.error}")
+        if not isinstance(found, Grant):
             who = f"user {uid}" if uid is not None else "client credentials"
             raise GrantUnavailable(f"no grant for {who} of client {client!r}")
-        return found[-1]
+        return found
 
     def by_id(self, grant_id: int) -> Grant:
         """Grant ``grant_id`` (tokens left out); GrantNotFound if there is none."""
