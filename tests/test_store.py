@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import create_engine, text
 
 from tokend.config import Config, Secret
 from tokend.crypto import Cipher, generate_key
@@ -381,3 +381,26 @@ def test_find_is_one_select_for_a_grant_of_a_client(store: Store) -> None:
         conn.execute(text(f"UPDATE grants SET status = 'bogus' WHERE id = {ids[4]}"))
     found = store.find("main", "1005", GrantType.AUTHORIZATION_CODE)
     assert isinstance(found, UnreadableGrant) and found.id == ids[-1]
+
+
+def test_the_schema_probe_of_an_unreachable_database_is_a_store_error(db_url: str, tmp_path: Path) -> None:
+    """The schema probe (``tokend db upgrade``, readiness) says what is wrong in tokend's
+    own error, like every other statement, not SQLAlchemy's."""
+    from tokend.store import make_engine
+    from tokend.testing import free_port
+
+    if db_url.startswith("sqlite"):
+        (tmp_path / "blocker").write_text("")  # a file where the directory should be
+        url = f"sqlite:///{tmp_path / 'blocker' / 'tokend.db'}"
+        engine = create_engine(url)
+    else:
+        url = db_url.rsplit("@", 1)[0] + f"@127.0.0.1:{free_port()}/nothing"
+        engine = make_engine(url)
+    store = Store(engine, Cipher((Secret(generate_key()),)))
+    try:
+        with pytest.raises(StoreError, match="cannot reach the database"):
+            store.revision()
+        with pytest.raises(StoreError, match="cannot reach the database"):
+            store.upgrade()
+    finally:
+        store.close()

@@ -188,8 +188,11 @@ class Database:
         return self.engine.dialect.name
 
     def revision(self) -> str | None:
-        with self.engine.connect() as conn:
-            return MigrationContext.configure(conn).get_current_revision()
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
 
     def head(self) -> str | None:
         return ScriptDirectory.from_config(_alembic_config()).get_current_head()
@@ -209,10 +212,7 @@ class Database:
 
     def check_schema(self, *, auto_upgrade: bool) -> None:
         """Make sure the schema is current; an empty SQLite database is set up."""
-        try:
-            current = self.revision()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"cannot reach the database: {_short(exc)}") from exc
+        current = self.revision()
         if current == self.head():
             return
         self._refuse_unknown(current)
