@@ -17,35 +17,16 @@ from sqlalchemy import update
 from conftest import CLIENT_ID, CLIENT_SECRET
 from tokend import circuit
 from tokend.config import Config, Secret
-from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import G, Store
-from tokend.testing import ManualClock, quiet_logs, seed_grants
+from tokend.testing import ManualClock, RecordingFake, quiet_logs, seed_grants
 
 PROVIDER_SECRET = "rotated-at-the-provider"
 STEPS = [60, 120, 240, 480, 900, 900, 900]  # seconds: interval doubling up to retry_max
-
-
-class RecordingFake(FakeJustimmo):
-    """The fake, logging (grant type, user id or None, HTTP status) per token request."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.log: list[tuple[str, int | None, int | None]] = []
-
-    def _token_request(self, form: Any, authorization: str | None) -> Any:
-        with self._lock:
-            rec = self._refresh.get(form.get("refresh_token", ""))
-            user = rec.user_id if rec is not None else None
-        outcome = super()._token_request(form, authorization)
-        status = outcome.response.status if outcome.response is not None else None
-        with self._lock:
-            self.log.append((form.get("grant_type", ""), user, status))
-        return outcome
 
 
 @pytest.fixture
@@ -159,7 +140,7 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
             wrong.run_pass()
             assert world.requests() == k, f"step {k}: {world.fake.log}"
             t = world.clock()
-        assert all(status == 401 for _, _, status in world.fake.log)
+        assert all(r.status == 401 for r in world.fake.log)
         grants = list(world.store.iter_grants())
         assert all(g.status == Status.OK and g.reason is None for g in grants)
         assert all(g.last_error and g.last_error.startswith(circuit.MARKERS) for g in grants)
@@ -180,9 +161,9 @@ def test_wrong_secret_one_request_per_probe_step_then_a_restart_refreshes_all(
     with quiet_logs("info") as sink:
         result = world.engine(fixed, metrics).run_pass()
     assert (result.refreshed, result.failed) == (n, 0), (result, sink.getvalue()[-2000:])
-    users = [user for _, user, _ in world.fake.log]
+    users = [r.user_id for r in world.fake.log]
     assert users == sorted(expiry, key=lambda u: expiry[u]), (users, expiry)
-    assert all(status == 200 for _, _, status in world.fake.log)
+    assert all(r.status == 200 for r in world.fake.log)
     world.all_refreshed()
     assert blocked(metrics) == 0
     [restored] = events(sink, "client_authentication_restored")
@@ -202,7 +183,7 @@ def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_
             m = w.engine(config, metrics)
             first = m.run_pass()
             # The client-credentials row (no token yet) is the most urgent: it probes.
-            assert w.fake.log == [("client_credentials", None, 401)]
+            assert [r[1:] for r in w.fake.log] == [("client_credentials", None, 401)]
             assert (first.failures["client"], first.skipped) == (1, 5)
             clock.advance(60)
             m.run_pass()
@@ -215,8 +196,8 @@ def test_client_credentials_share_the_circuit_and_a_fix_at_the_provider_reopens_
             clock.advance(60)
             result = m.run_pass()
         assert (result.refreshed, result.failed) == (6, 0), result
-        assert w.fake.log[2] == ("client_credentials", None, 200)
-        assert sorted(g for g, _, _ in w.fake.log[3:]) == ["refresh_token"] * 5
+        assert w.fake.log[2][1:] == ("client_credentials", None, 200)
+        assert sorted(r.grant_type for r in w.fake.log[3:]) == ["refresh_token"] * 5
         assert blocked(metrics) == 0
         w.all_refreshed()
     finally:
@@ -239,7 +220,7 @@ def test_a_refused_grant_of_a_working_client_does_not_block_it(world: World) -> 
     metrics = Metrics()
     with quiet_logs():
         result = world.engine(world.config, metrics).run_pass()
-    assert world.fake.log[0][:2] == ("refresh_token", 50)  # the probe: earliest expiry
+    assert world.fake.log[0][1:3] == ("refresh_token", 50)  # the probe: earliest expiry
     assert (result.refreshed, result.failures["permanent"]) == (4, 1), result
     assert blocked(metrics) == 0
 

@@ -414,8 +414,8 @@ def test_idle_connections_do_not_block_and_connections_are_bounded(
         # the bound: a third idle connection fills it; one more is answered 503 at once
         def serving(n: int) -> None:  # the server's own count of open connections
             deadline = time.monotonic() + 5
-            while len(srv.server.open) != n:
-                assert time.monotonic() < deadline, len(srv.server.open)
+            while srv.server.open_connections != n:
+                assert time.monotonic() < deadline, srv.server.open_connections
                 time.sleep(0.02)
 
         serving(2)  # the request above has finished on the server's side too

@@ -32,14 +32,21 @@ import faultlib as fl
 from conftest import IN_CI
 from tokend.config import Config, load_config
 from tokend.crypto import generate_key
-from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.store import Store, open_store
-from tokend.testing import free_port, make_key_file, quiet_logs, reset_pg, seed_grants, write_config
+from tokend.testing import (
+    RecordingFake,
+    free_port,
+    make_key_file,
+    quiet_logs,
+    reset_pg,
+    seed_grants,
+    write_config,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
@@ -500,24 +507,6 @@ def test_database_outage_mid_pass_loses_no_rotated_token(tmp_path: Path, pg: str
 # --------------------------------------------------------------------------- 4. a day of outages
 
 
-class RecordingFake(FakeJustimmo):
-    """The in-process fake, logging (time, user, HTTP status or None) per token request."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.log: list[tuple[datetime, int | None, int | None]] = []
-
-    def _token_request(self, form: Any, authorization: str | None) -> Any:
-        with self._lock:
-            rec = self._refresh.get(form.get("refresh_token", ""))
-            user = rec.user_id if rec is not None else None
-        outcome = super()._token_request(form, authorization)
-        status = outcome.response.status if outcome.response is not None else None
-        with self._lock:
-            self.log.append((self._now(), user, status))
-        return outcome
-
-
 def _backoff_floor(failures: int, interval: timedelta, retry_max: timedelta) -> timedelta:
     """The shortest delay exponential backoff with equal jitter allows after ``failures``."""
     return min(interval * int(2 ** min(failures - 1, 32)), retry_max) * 0.5
@@ -652,7 +641,7 @@ def test_a_day_of_provider_outages(tmp_path: Path, pg: str) -> None:
         bound = _max_attempts(outage_end - t0, interval, retry_max)
         per_user: dict[int | None, int] = defaultdict(int)
         served: dict[tuple[datetime, int | None], int | None] = {}
-        for when, user, status in fake.log:
+        for when, _, user, status in fake.log:
             served[(when, user)] = status
             if when < outage_end:
                 per_user[user] += 1

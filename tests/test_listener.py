@@ -128,3 +128,22 @@ def test_stop_ends_idle_and_stalled_connections_at_once(server: MetricsServer) -
     assert all(closed_by_peer(sock, 2.0) for sock in idle)
     for sock in idle:
         sock.close()
+
+
+def test_an_ipv6_address_is_served() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        s = MetricsServer(Metrics(), ("::1", 0), healthy=_probe, ready=_probe).start()
+    except OSError as exc:  # ::1 not configured (a container without IPv6 loopback)
+        pytest.skip(f"::1: {exc}")
+    try:
+        r = requests.get(f"http://[::1]:{s.address[1]}/healthz", timeout=5)
+        assert r.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_a_port_in_use_is_an_os_error(server: MetricsServer) -> None:
+    with pytest.raises(OSError):
+        MetricsServer(Metrics(), server.address, healthy=_probe, ready=_probe)

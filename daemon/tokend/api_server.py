@@ -24,7 +24,6 @@ import json
 import os
 import socket
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from . import logs
 from .api import GrantUnavailable, TokenStore
 from .config import ApiKey, Config
 from .errors import GrantNotFound, StoreError, TokendError
-from .listener import BoundedHTTPServer
+from .listener import BoundedHTTPServer, Served
 from .model import ACTIVE, Grant, Status
 from .ondemand import OnDemand, Unavailable
 
@@ -319,8 +318,7 @@ class ApiServer:
                               idle_timeout=idle_timeout)
         self.server.api = TokenApi(config, tokens, ondemand,  # type: ignore[attr-defined]
                                    needs_key=not is_unix)
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
-            "poll_interval": 0.2}, name="tokend-api", daemon=True)
+        self.served = Served(self.server, "tokend-api")
 
     @property
     def address(self) -> str:
@@ -330,13 +328,11 @@ class ApiServer:
         return a.decode() if isinstance(a, bytes) else str(a)
 
     def start(self) -> ApiServer:
-        self.thread.start()
+        self.served.start()
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.served.stop()
         if self.unix_path is not None:
             with contextlib.suppress(OSError):
                 self.unix_path.unlink()

@@ -14,14 +14,14 @@ import sys
 import threading
 import webbrowser
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from . import events, logs, pkce, policy
 from .config import Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
-from .listener import BoundedHTTPServer
+from .listener import BoundedHTTPServer, Served
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
 from .store import Store, open_store
@@ -52,7 +52,7 @@ class _Callback:
             return True
 
 
-def _listener(address: tuple[str, int], callback: _Callback) -> HTTPServer:
+def _listener(address: tuple[str, int], callback: _Callback) -> BoundedHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             parts = urlsplit(self.path)
@@ -125,9 +125,7 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
         ) from None
     own_provider = provider is None
     provider = provider or ProviderClient(config.provider)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                              daemon=True)
-    thread.start()
+    served = Served(server, "tokend-authorize", poll_interval=0.1).start()
     try:
         state = secrets.token_urlsafe(24)
         proof = pkce.new_pair()  # in memory only: this process completes its one flow
@@ -192,7 +190,6 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
         print(f"tokend: {exc}", file=err)
         return 1
     finally:
-        server.shutdown()
-        server.server_close()
+        served.stop()
         if own_provider:
             provider.close()

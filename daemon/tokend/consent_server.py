@@ -1,10 +1,10 @@
 """The re-consent web endpoint (``[consent] listen``): link page, provider redirect, callback.
 
 ``ConsentFlow`` decides what each request gets (a :class:`~tokend.consent_pages.Page`);
-``ConsentServer`` is the HTTP listener around it. The listener serves each connection
-in its own thread, at most ``max_connections`` at once (more are answered 503 at once),
-drops a connection idle for ``idle_timeout`` and any connection older than
-``max_lifetime``, so a browser's pre-connect or a slow client never blocks a redirect.
+``ConsentServer`` is the HTTP listener around it (:mod:`tokend.listener`): at most
+``max_connections`` at once (more are answered 503 at once), a connection idle for
+``idle_timeout`` or older than ``max_lifetime`` is dropped, so a browser's pre-connect
+or a slow client never blocks a redirect.
 
 Flow: ``GET /consent/<token>`` shows the page; its button POSTs to the same URL, which
 stores a fresh ``state`` in the database and redirects to the provider; the provider
@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import secrets
 import socket
-import threading
-import time
+from collections.abc import Callable
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -28,6 +27,7 @@ from .config import ClientConfig, Config
 from .consent_pages import Page
 from .consent_store import ConsentStore, Pending, WrongUser
 from .errors import GrantNotFound, ProviderError, StoreError
+from .listener import BoundedHTTPServer, Served
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
 from .store import Store
@@ -184,79 +184,20 @@ class ConsentFlow:
 # --------------------------------------------------------------------------- the listener
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    request_queue_size = 64
-
-    def __init__(self, address: tuple[str, int], flow: ConsentFlow, *, max_connections: int,
-                 idle_timeout: float, max_lifetime: float) -> None:
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        self.flow = flow
-        self.idle_timeout = idle_timeout
-        self.max_lifetime = max_lifetime
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.open: dict[socket.socket, float] = {}
-        self.open_lock = threading.Lock()
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:  # no reverse DNS lookup (HTTPServer calls getfqdn)
-        import socketserver
-
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.slots.acquire(blocking=False):
-            _answer_busy(request, self.flow.headers)
-            self.shutdown_request(request)
-            return
-        with self.open_lock:
-            self.open[request] = time.monotonic()
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._done(request)
-            raise
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._done(request)
-
-    def _done(self, request: Any) -> None:
-        with self.open_lock:
-            if self.open.pop(request, None) is None:
-                return
-        self.slots.release()
-
-    def service_actions(self) -> None:
-        """Called by serve_forever between polls: cut connections that outlived their time."""
-        limit = time.monotonic() - self.max_lifetime
-        with self.open_lock:
-            old = [conn for conn, started in self.open.items() if started < limit]
-        for conn in old:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # timeouts and hang-ups of clients are normal here, not tracebacks
-
-
-def _answer_busy(request: socket.socket, headers: list[tuple[str, str]]) -> None:
+def _answer_busy(headers: list[tuple[str, str]]) -> Callable[[socket.socket], None]:
     page = consent_pages.busy()
     head = "".join(f"{k}: {v}\r\n" for k, v in headers)
     raw = (f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/html; charset=utf-8\r\n"
            f"Content-Length: {len(page.html)}\r\nConnection: close\r\n{head}\r\n").encode()
-    try:
-        request.settimeout(1.0)
-        request.sendall(raw + page.html)
-    except OSError:
-        pass
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(raw + page.html)
+
+    return answer
+
+
+class _Server(BoundedHTTPServer):
+    flow: ConsentFlow
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -314,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # our own log lines say what happened, without the link tokens
 
 
-class ConsentServer:
+class ConsentServer(Served):
     def __init__(self, config: Config, store: Store, provider: ProviderClient, *,
                  address: tuple[str, int] | None = None, max_connections: int = 32,
                  idle_timeout: float = 10.0, max_lifetime: float = 60.0) -> None:
@@ -322,22 +263,12 @@ class ConsentServer:
         if address is None:
             raise ValueError("consent.listen is not set")
         self.flow = ConsentFlow(config, store, provider)
-        self.server = _Server(address, self.flow, max_connections=max_connections,
-                              idle_timeout=idle_timeout, max_lifetime=max_lifetime)
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.5}, name="tokend-consent",
-                                       daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> ConsentServer:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        # A worker per connection, as many as may be open: a slow provider exchange
+        # never makes another browser wait. When full, a 503 page rather than dropping
+        # an idle connection (a browser's pre-connect may be the next request).
+        server = _Server(address, _Handler, name="tokend-consent-http",
+                         workers=max_connections, max_connections=max_connections,
+                         idle_timeout=idle_timeout, request_timeout=max_lifetime,
+                         max_lifetime=max_lifetime, when_full=_answer_busy(self.flow.headers))
+        server.flow = self.flow
+        super().__init__(server, "tokend-consent", poll_interval=0.5)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from . import __version__
-from .listener import BoundedHTTPServer
+from .listener import BoundedHTTPServer, Served
 from .model import GrantType, Stats, Status
 
 KINDS = ("transient", "permanent", "client")
@@ -152,7 +152,7 @@ class Metrics:
 Probe = Callable[[], tuple[bool, dict[str, Any]]]
 
 
-class MetricsServer:
+class MetricsServer(Served):
     """``/metrics``, ``/healthz`` (process and scheduler alive), ``/readyz`` (can do work)."""
 
     def __init__(self, metrics: Metrics, address: tuple[str, int], *,
@@ -188,20 +188,5 @@ class MetricsServer:
         self.metrics = metrics
         self.healthy = healthy
         self.ready = ready
-        self.server = BoundedHTTPServer(address, Handler, name="tokend-metrics-http")
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={
-            "poll_interval": 0.2}, name="tokend-metrics", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.server_address[:2]
-        return str(host), int(port)
-
-    def start(self) -> MetricsServer:
-        self.thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        super().__init__(BoundedHTTPServer(address, Handler, name="tokend-metrics-http"),
+                         "tokend-metrics")

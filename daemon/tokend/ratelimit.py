@@ -98,12 +98,15 @@ class RateLimiter:
                     return True
                 # A free slot is left to a waiting priority caller; look again shortly.
                 delay = self.interval / 4 if free else self._next - now  # type: ignore[operator]
-            self._wait(delay, stop)
+            wait(delay, stop, self._sleep)
 
-    def _wait(self, delay: float, stop: threading.Event | None) -> None:
-        if self._sleep is not None:
-            self._sleep(delay)
-        elif stop is not None:
-            stop.wait(delay)
-        else:
-            time.sleep(delay)
+
+def wait(delay: float, stop: threading.Event | None,
+         sleep: Callable[[float], None] | None = None) -> None:
+    """Wait ``delay`` seconds: with an injected ``sleep`` (tests), else until ``stop``."""
+    if sleep is not None:
+        sleep(delay)
+    elif stop is not None:
+        stop.wait(delay)
+    else:
+        time.sleep(delay)

@@ -25,14 +25,13 @@ SQLite is one process: it keeps the in-process limiter.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 from sqlalchemy import text
 
 from . import logs
 from .errors import StoreError
-from .ratelimit import RateLimiter
+from .ratelimit import RateLimiter, wait
 from .store import Store
 
 log = logs.get("tokend.sharedlimit")
@@ -89,11 +88,11 @@ class SharedRateLimiter:
                     self._failing.set()
                     log.error("rate_slot_unavailable", error=str(exc),
                               detail="no request starts until the shared budget answers")
-                self._wait(RETRY, stop)
+                wait(RETRY, stop, self._sleep)
                 continue
             self._failing.clear()
             if delay > 0:
-                self._wait(delay, stop)
+                wait(delay, stop, self._sleep)
             # A stop while waiting for a future slot: not sent (the slot stays unused).
             # Sending anyway would put every waiting worker's request into one moment.
             return stop is None or not stop.is_set()
@@ -102,14 +101,6 @@ class SharedRateLimiter:
         with self._store.tx(single=True) as conn:
             value = conn.execute(_TAKE, {"name": self._name, "iv": self.interval}).scalar()
         return float(value or 0.0)
-
-    def _wait(self, delay: float, stop: threading.Event | None) -> None:
-        if self._sleep is not None:
-            self._sleep(delay)
-        elif stop is not None:
-            stop.wait(delay)
-        else:
-            time.sleep(delay)
 
 
 Limiter = RateLimiter | SharedRateLimiter

@@ -9,6 +9,7 @@ Public and small on purpose (like ``structlog.testing``); nothing here runs in t
   :func:`make_key_file` a key for it.
 - :func:`seed_grants`: grants in the store for tokens the fake provider issued.
 - :func:`quiet_logs`: tokend's logs into a buffer (or ``/dev/null``), restored afterwards.
+- :class:`RecordingFake`: the in-process fake provider, logging each token request.
 - :func:`pg_problem`, :func:`pg_database`, :func:`reset_pg`: PostgreSQL reachability, a
   database of one's own, and emptying one.
 """
@@ -23,13 +24,13 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, NamedTuple, TextIO
 
 from sqlalchemy import create_engine, make_url, text
 
 from tokend.config import ScheduleConfig
 from tokend.crypto import generate_key
-from tokend.fake import IssuedTokens
+from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.model import Grant, NewGrant, Status
 from tokend.policy import initial
 from tokend.store import Decide, Store
@@ -60,6 +61,31 @@ class ManualClock:
     def set(self, moment: datetime) -> None:
         with self._lock:
             self._now = moment
+
+
+class TokenRequest(NamedTuple):
+    at: datetime  # the fake's clock
+    grant_type: str
+    user_id: int | None  # of the refresh token sent, if the fake knows it
+    status: int | None  # the HTTP status answered; None: no answer (a fault)
+
+
+class RecordingFake(FakeJustimmo):
+    """The in-process fake, logging a :class:`TokenRequest` per token request in ``log``."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.log: list[TokenRequest] = []
+
+    def _token_request(self, form: Any, authorization: str | None) -> Any:
+        with self._lock:
+            rec = self._refresh.get(form.get("refresh_token", ""))
+            user = rec.user_id if rec is not None else None
+        outcome = super()._token_request(form, authorization)
+        status = outcome.response.status if outcome.response is not None else None
+        with self._lock:
+            self.log.append(TokenRequest(self._now(), form.get("grant_type", ""), user, status))
+        return outcome
 
 
 def free_port() -> int:
