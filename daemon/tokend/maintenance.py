@@ -30,7 +30,7 @@ from . import circuit, consent, events, leases, logs, owners, planner, policy, s
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
-from .model import Grant, GrantType, Outcome, Status, TokenResponse
+from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
 from .sharedlimit import limiter_for
 from .store import Clock, Store
@@ -45,7 +45,7 @@ class PassResult:
     refreshed: int = 0
     failed: int = 0
     skipped: int = 0  # claimed but given back (shutdown) or nothing to do over HTTP
-    failures: Counter[str] = field(default_factory=Counter)  # by kind
+    failures: Counter[AttemptResult] = field(default_factory=Counter)  # by kind
     duration: float = 0.0
     stopped: bool = False
 
@@ -201,7 +201,7 @@ class Maintenance:
             most = max(1, min(most, fit))
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
-        finished: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
+        finished: queue.SimpleQueue[Future[AttemptResult]] = queue.SimpleQueue()
         in_flight = 0
         exhausted = False
         try:
@@ -241,7 +241,7 @@ class Maintenance:
         now = self.clock()
         with self._circuit_lock:
             due = [name for name, c in self.circuits.items() if circuit.probe_due(c, now)]
-        probes: list[Future[str]] = []
+        probes: list[Future[AttemptResult]] = []
         try:
             for name in due:
                 if self.stop_event.is_set():
@@ -262,25 +262,24 @@ class Maintenance:
             self._probes.clear()
 
     def _guarded(self, grant: Grant, claimed_at: float | None = None, *,
-                 priority: bool = False) -> str:
+                 priority: bool = False) -> AttemptResult:
         if self.held.holds(grant.id):
             # Its new refresh token waits to be saved; the stored one is spent.
             log.info("grant_held", grant_id=grant.id, client=grant.client,
                      detail="not refreshed: its rotated token is not saved yet")
-            return "held"
+            return AttemptResult.HELD
         try:
             return self.attempt(grant, claimed_at, priority=priority)
         except Exception as exc:  # the error boundary: log, count, go on
             log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
                       error=type(exc).__name__, detail=str(exc)[:200])
-            return "internal"
+            return AttemptResult.INTERNAL
 
     # ------------------------------------------------------------------ one grant
 
     def attempt(self, grant: Grant, claimed_at: float | None = None, *,
-                priority: bool = False) -> str:
-        """Handle one claimed grant; returns "ok", "skipped", "released", "held" or an
-        error kind.
+                priority: bool = False) -> AttemptResult:
+        """Handle one claimed grant; returns how the attempt ended.
 
         ``claimed_at``: the monotonic time read just before the claim (see
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
@@ -306,7 +305,7 @@ class Maintenance:
                                   failure_count=grant.failure_count,
                                   last_error=grant.last_error, in_doubt=grant.in_doubt)
                 self._save(grant, outcome)
-                return "skipped"
+                return AttemptResult.SKIPPED
         try:
             _access, refresh = self.store.tokens(grant)
         except DecryptError as exc:
@@ -318,20 +317,20 @@ class Maintenance:
                 status=grant.status, reason=grant.reason,
                 next_attempt_at=now + s.retry_max, failure_count=grant.failure_count + 1,
                 last_error=str(exc)[:500], in_doubt=grant.in_doubt))
-            return "internal"
+            return AttemptResult.INTERNAL
         if not is_cc and refresh is None:
             outcome = Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
                               next_attempt_at=None, failure_count=grant.failure_count,
                               last_error="no refresh token stored", in_doubt=False)
             self._save(grant, outcome)
-            return "permanent"
+            return AttemptResult.PERMANENT
         if grant.id not in self._probes and not self._admits(grant.client):
             held = (grant.status, grant.reason) if is_cc else (status, reason)
             return self._hold(grant, held, now)
         if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event,
                                                                  priority=priority):
             self._release(grant)
-            return "released"
+            return AttemptResult.RELEASED
         if claimed_at is not None:
             left = leases.remaining(claimed_at, self.lease, time.monotonic())
             if not leases.can_send(left, self.config.provider.timeout):
@@ -340,7 +339,7 @@ class Maintenance:
                 log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
                             lease_left_s=round(left.total_seconds(), 1))
                 self._release(grant)
-                return "released"
+                return AttemptResult.RELEASED
         t0 = time.monotonic()
         try:
             if is_cc:
@@ -354,7 +353,8 @@ class Maintenance:
         self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
         return self._succeeded(grant, resp, refresh)
 
-    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
+    def _succeeded(self, grant: Grant, resp: TokenResponse,
+                   old_refresh: str | None) -> AttemptResult:
         now = self.clock()
         outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
@@ -368,10 +368,10 @@ class Maintenance:
                  next_due=_iso(outcome.next_attempt_at),
                  duration_ms=round((now - resp.sent_at).total_seconds() * 1000, 1),
                  saved=saved)
-        return "ok"
+        return AttemptResult.OK
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
-                client: ClientConfig | None) -> str:
+                client: ClientConfig | None) -> AttemptResult:
         outcome = policy.after_failure(grant, err, now, self.schedule, rand=self.rand())
         kind = err.kind.value
         self.metrics.failure(grant.client, grant.grant_type, kind, err.error)
@@ -385,7 +385,7 @@ class Maintenance:
         self._save(grant, outcome)
         if client is not None:
             self._judge(grant, err)
-        return kind
+        return AttemptResult(kind)
 
     # ------------------------------------------------------------------ the client's circuit
 
@@ -393,14 +393,15 @@ class Maintenance:
         with self._circuit_lock:
             return circuit.admits(self.circuits.get(client, circuit.Circuit()))
 
-    def _hold(self, grant: Grant, status: tuple[Status, str | None], now: datetime) -> str:
+    def _hold(self, grant: Grant, status: tuple[Status, str | None],
+              now: datetime) -> AttemptResult:
         """Give a grant of a blocked client back unsent; not a failure of the grant."""
         self._save(grant, Outcome(
             status=status[0], reason=status[1],
             next_attempt_at=circuit.hold_until(grant, now, self.config.schedule),
             failure_count=grant.failure_count, last_error=circuit.HELD,
             in_doubt=grant.in_doubt))
-        return "held"
+        return AttemptResult.HELD
 
     def _judge(self, grant: Grant, err: ProviderError | None) -> None:
         """Update the grant's client circuit with the answer to its attempt."""
@@ -542,10 +543,10 @@ class Maintenance:
         return payload | consent.event_fields(self.config, grant, name, now)
 
 
-def _count(result: PassResult, outcome: str) -> None:
-    if outcome == "ok":
+def _count(result: PassResult, outcome: AttemptResult) -> None:
+    if outcome is AttemptResult.OK:
         result.refreshed += 1
-    elif outcome in ("skipped", "released", "held"):
+    elif not outcome.failed:
         result.skipped += 1
     else:
         result.failed += 1
