@@ -30,7 +30,7 @@ from . import circuit, consent, events, leases, logs, owners, planner, policy, s
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
-from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
+from .model import AttemptResult, Grant, GrantType, Outcome, TokenResponse
 from .provider import ProviderClient
 from .sharedlimit import limiter_for
 from .store import Clock, Store
@@ -285,61 +285,45 @@ class Maintenance:
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
         ``priority``: an application waits for it (:mod:`tokend.ondemand`).
         """
-        s = self.schedule
         now = self.clock()
         client = self.config.clients.get(grant.client)
-        if client is None:
-            err = ProviderError(ErrorKind.CLIENT, "unknown_client",
-                                description=f"client {grant.client!r} is not configured")
-            return self._failed(grant, err, now, None)
         is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
-        if not is_cc:
-            status, reason = policy.lifecycle(grant, now, s)
-            # On demand (priority) the application's 401 is the reason to refresh.
-            if status == Status.RECONSENT_REQUIRED or (
-                    not priority and not policy.refresh_due(grant, now, s)):
-                # Due for a status change only (e.g. entering the re-consent window).
-                outcome = Outcome(status=status, reason=reason,
-                                  next_attempt_at=policy.next_attempt(
-                                      replace(grant, status=status, reason=reason), now, s),
-                                  failure_count=grant.failure_count,
-                                  last_error=grant.last_error, in_doubt=grant.in_doubt)
-                self._save(grant, outcome)
-                return AttemptResult.SKIPPED
-        try:
-            _access, refresh = self.store.tokens(grant)
-        except DecryptError as exc:
-            # The operator's key is wrong or missing: nothing was sent, nothing is lost.
-            # Keep the grant as it is and look again after retry_max.
-            log.error("grant_undecryptable", grant_id=grant.id, client=grant.client,
-                      error=str(exc))
-            self._save(grant, Outcome(
-                status=grant.status, reason=grant.reason,
-                next_attempt_at=now + s.retry_max, failure_count=grant.failure_count + 1,
-                last_error=str(exc)[:500], in_doubt=grant.in_doubt))
-            return AttemptResult.INTERNAL
-        if not is_cc and refresh is None:
-            outcome = Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
-                              next_attempt_at=None, failure_count=grant.failure_count,
-                              last_error="no refresh token stored", in_doubt=False)
-            self._save(grant, outcome)
-            return AttemptResult.PERMANENT
+        refresh: str | None = None
+        tokens_error: str | None = None
+        if client is not None:
+            try:
+                _access, refresh = self.store.tokens(grant)
+            except DecryptError as exc:
+                tokens_error = str(exc)
+        blocked = None
         if grant.id not in self._probes and not self._admits(grant.client):
-            held = (grant.status, grant.reason) if is_cc else (status, reason)
-            return self._hold(grant, held, now)
-        if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event,
-                                                                 priority=priority):
-            self._release(grant)
-            return AttemptResult.RELEASED
-        if claimed_at is not None:
-            left = leases.remaining(claimed_at, self.lease, time.monotonic())
-            if not leases.can_send(left, self.config.provider.timeout):
-                # Sent now, it could still be on the wire when another process takes the
-                # grant over: given back unsent, it is claimed afresh with a full lease.
+            blocked = policy.Blocked(circuit.hold_until(grant, now, self.config.schedule),
+                                     circuit.HELD)
+        decision = policy.plan(grant, now, self.schedule, client_known=client is not None,
+                               tokens_error=tokens_error, has_refresh=refresh is not None,
+                               blocked=blocked, priority=priority)
+        if isinstance(decision, policy.Fail):
+            return self._failed(grant, decision.error, now, None)
+        if isinstance(decision, policy.Save):
+            if decision.why == policy.SAVE_UNDECRYPTABLE:
+                log.error("grant_undecryptable", grant_id=grant.id, client=grant.client,
+                          error=tokens_error)
+            self._save(grant, decision.outcome)
+            return decision.result
+        assert client is not None
+        admitted = not self.stop_event.is_set() and self.limiter.acquire(
+            self.stop_event, priority=priority)
+        left = (leases.remaining(claimed_at, self.lease, time.monotonic())
+                if claimed_at is not None else None)
+        go = policy.send_now(admitted=admitted, lease_left=left,
+                             timeout=self.config.provider.timeout)
+        if isinstance(go, policy.Release):
+            if go.why == policy.RELEASE_LEASE_TOO_SHORT:
+                assert left is not None
                 log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
                             lease_left_s=round(left.total_seconds(), 1))
-                self._release(grant)
-                return AttemptResult.RELEASED
+            self._release(grant)
+            return AttemptResult.RELEASED
         t0 = time.monotonic()
         try:
             if is_cc:
@@ -392,16 +376,6 @@ class Maintenance:
     def _admits(self, client: str) -> bool:
         with self._circuit_lock:
             return circuit.admits(self.circuits.get(client, circuit.Circuit()))
-
-    def _hold(self, grant: Grant, status: tuple[Status, str | None],
-              now: datetime) -> AttemptResult:
-        """Give a grant of a blocked client back unsent; not a failure of the grant."""
-        self._save(grant, Outcome(
-            status=status[0], reason=status[1],
-            next_attempt_at=circuit.hold_until(grant, now, self.config.schedule),
-            failure_count=grant.failure_count, last_error=circuit.HELD,
-            in_doubt=grant.in_doubt))
-        return AttemptResult.HELD
 
     def _judge(self, grant: Grant, err: ProviderError | None) -> None:
         """Update the grant's client circuit with the answer to its attempt."""
