@@ -30,7 +30,7 @@ from . import circuit, consent, events, leases, logs, owners, planner, policy, s
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
-from .model import AttemptResult, Grant, GrantType, Outcome, TokenResponse
+from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
 from .sharedlimit import limiter_for
 from .store import Clock, Store
@@ -433,11 +433,8 @@ class Maintenance:
         delay = self.save_retry
         while True:
             try:
-                saved = self.store.save(grant, outcome, self.owner, event)
-                if not saved:
-                    log.warning("save_discarded", grant_id=grant.id, client=grant.client,
-                                detail="grant was re-consented or deleted during the attempt")
-                return saved
+                return self._saved(grant, outcome, event,
+                                   self.store.save(grant, outcome, self.owner, event))
             except StoreError as exc:
                 if not must and self.stop_event.is_set():
                     log.error("save_abandoned", grant_id=grant.id, error=str(exc))
@@ -456,7 +453,8 @@ class Maintenance:
         worker is free again.
         """
         try:
-            return self._saved(grant, self.store.save(grant, outcome, self.owner, event))
+            return self._saved(grant, outcome, event,
+                               self.store.save(grant, outcome, self.owner, event))
         except Exception as exc:  # any error: the token must not reach the error boundary
             error = exc
         entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
@@ -475,7 +473,7 @@ class Maintenance:
                 delay = min(delay * 2, 30.0)
                 continue
             self.held.done(entry)
-            return self._saved(grant, saved)
+            return self._saved(grant, outcome, event, saved)
         log.warning("save_handed_over", grant_id=grant.id, client=grant.client,
                     error=_error_text(error), spooled=spooled,
                     held_outcomes=self.held.count(),
@@ -483,14 +481,21 @@ class Maintenance:
         self.held.hand_over(entry)
         return False
 
-    def _saved(self, grant: Grant, saved: bool) -> bool:
+    def _saved(self, grant: Grant, outcome: Outcome, event: dict[str, Any] | None,
+               saved: bool) -> bool:
         if not saved:
             log.warning("save_discarded", grant_id=grant.id, client=grant.client,
                         detail="grant was re-consented or deleted during the attempt")
+        else:
+            _status_changed(grant, outcome, event, grant.status)
         return saved
 
     def _replay_save(self, entry: spool.Entry) -> bool:
-        return self.store.save(entry.grant(), entry.outcome, spool.REPLAY_OWNER, entry.event)
+        grant = entry.grant()
+        saved = self.store.save(grant, entry.outcome, spool.REPLAY_OWNER, entry.event)
+        if saved:
+            _status_changed(grant, entry.outcome, entry.event, None)
+        return saved
 
     def _release(self, grant: Grant) -> None:
         try:
@@ -507,14 +512,20 @@ class Maintenance:
                      refresh_expires_at=_iso(grant.refresh_expires_at))
         elif name is None:
             return None
-        else:
-            log.warning("status_changed", grant_id=grant.id, client=grant.client,
-                        old=grant.status.value, new=outcome.status.value,
-                        reason=outcome.reason)
         now = self.clock()
         payload = events.payload(name, grant, outcome.status, outcome.reason,
                                 outcome.refresh_expires_at or grant.refresh_expires_at, now)
         return payload | consent.event_fields(self.config, grant, name, now)
+
+
+def _status_changed(grant: Grant, outcome: Outcome, event: dict[str, Any] | None,
+                    old: Status | None) -> None:
+    """Logged once the change is saved: a discarded or unsaved one never happened.
+    ``old``: None when saved from the spool (its entry keeps only the new status)."""
+    if event is not None and event.get("event") != events.REMINDER:
+        log.warning("status_changed", grant_id=grant.id, client=grant.client,
+                    old=old.value if old is not None else None, new=outcome.status.value,
+                    reason=outcome.reason)
 
 
 def _count(result: PassResult, outcome: AttemptResult) -> None:
