@@ -29,7 +29,7 @@ from tokend.config import Config
 from tokend.fake import FakeJustimmo
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
-from tokend.model import NewGrant, Status
+from tokend.model import AttemptResult, NewGrant, Status
 from tokend.policy import initial, on_enable
 from tokend.provider import ProviderClient
 from tokend.store import Store
@@ -314,8 +314,8 @@ def test_a_refresh_is_not_sent_on_a_lease_too_short_for_it(
             short, fine = store.claim_due(m.owner, 2, m.lease)
             # the first waited (rate limiter, a stalled database) until 15 s were left
             late = claimed_at - (m.lease.total_seconds() - 15)
-            assert m.attempt(short, late) == "released"
-            assert m.attempt(fine, claimed_at) == "ok"
+            assert m.attempt(short, late) is AttemptResult.RELEASED
+            assert m.attempt(fine, claimed_at) is AttemptResult.OK
         finally:
             m.close()
     assert fake.stats()["token_requests"] == 1  # nothing was sent for the late one

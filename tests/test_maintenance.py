@@ -301,3 +301,48 @@ def test_a_wrong_key_leaves_the_grant_alone(env: Env) -> None:
     assert g.next_attempt_at is not None
     assert g.next_attempt_at > datetime.now(UTC) + timedelta(minutes=14)
     assert env.engine().run_pass().claimed == 0  # not retried before retry_max
+
+
+class WatchedStore(Store):
+    """Notes how many log entries were made when each save returned; ``discard``: the
+    grant is deleted just before its save (as if deleted during the attempt)."""
+
+    def __init__(self, inner: Store, entries: list[Any], *, discard: bool) -> None:
+        super().__init__(inner.engine, inner.cipher, clock=inner.clock)
+        self.entries = entries
+        self.discard = discard
+        self.saves: list[tuple[bool, int]] = []
+
+    def save(self, grant: Grant, outcome: Outcome, owner: str,
+             event: dict[str, Any] | None = None) -> bool:
+        if self.discard:
+            self.delete(grant.id)
+        saved = super().save(grant, outcome, owner, event)
+        self.saves.append((saved, len(self.entries)))
+        return saved
+
+
+@pytest.mark.parametrize("discard", [False, True])
+def test_status_changed_is_logged_only_after_its_save(env: Env, discard: bool) -> None:
+    from structlog.testing import capture_logs
+
+    now = datetime.now(UTC)
+    env.seed(1, due=False)
+    # the refresh token now ends in 3 days: inside reconsent_before (7d), a status change
+    with env.store.engine.begin() as conn:
+        from sqlalchemy import text
+        conn.execute(text("UPDATE grants SET refresh_expires_at = :t, next_attempt_at = :n"),
+                     {"t": _db_time(env.store, now + timedelta(days=3)),
+                      "n": _db_time(env.store, now - timedelta(seconds=1))})
+    with capture_logs() as entries:
+        watched = WatchedStore(env.store, entries, discard=discard)
+        env.engine(watched).run_pass()
+    changed = [i for i, e in enumerate(entries) if e["event"] == "status_changed"]
+    assert watched.saves == [(not discard, watched.saves[0][1])]
+    if discard:
+        assert changed == []
+        assert env.grants() == []
+    else:
+        [at] = changed
+        assert at >= watched.saves[0][1]  # made after the save returned
+        assert entries[at]["new"] == "reconsent_due"

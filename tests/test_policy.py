@@ -11,7 +11,7 @@ from tokend import events, policy
 from tokend.config import ScheduleConfig
 from tokend.durations import Duration
 from tokend.errors import ErrorKind, ProviderError
-from tokend.model import Grant, Status, TokenResponse
+from tokend.model import AttemptResult, Grant, GrantType, Status, TokenResponse
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = ScheduleConfig()  # interval 60s, refresh_before 6h, retry_max 15m, reconsent_before 7d
@@ -248,3 +248,116 @@ def test_initial_and_enable() -> None:
     assert policy.initial(g, NOW, S)[:2] == (Status.RECONSENT_REQUIRED, "refresh_token_expired")
     status, reason, next_at = policy.on_enable(grant(status=Status.DISABLED), NOW, S)
     assert (status, reason, next_at) == (Status.OK, None, NOW)
+
+
+# ---------------------------------------------------------------------- policy.plan
+
+BLOCKED = policy.Blocked(until=NOW + timedelta(minutes=15), note="client_blocked: held")
+CC = {"grant_type": GrantType.CLIENT_CREDENTIALS, "refresh_expires_at": None,
+      "has_refresh_token": False}
+DUE = {"access_expires_at": NOW + timedelta(minutes=5)}  # within refresh_before
+NOT_DUE = {"access_expires_at": NOW + timedelta(hours=12)}
+ENDED = {"refresh_expires_at": NOW - timedelta(seconds=1)}
+WINDOW = {"refresh_expires_at": NOW + timedelta(days=3), "status": Status.OK}
+
+
+@pytest.mark.parametrize(
+    ("g", "known", "tokens_error", "has_refresh", "blocked", "priority", "expected"), [
+        # unknown client: fails as a client fault, whatever else holds
+        ({**DUE}, False, None, True, None, False, ("fail", AttemptResult.CLIENT)),
+        ({**DUE}, False, "bad key", False, BLOCKED, True, ("fail", AttemptResult.CLIENT)),
+        # due: refreshed
+        ({**DUE}, True, None, True, None, False, ("refresh", None)),
+        # not due, not asked for: a status change only (here: none), nothing sent
+        ({**NOT_DUE}, True, None, True, None, False, ("save", AttemptResult.SKIPPED)),
+        # ... even when the tokens cannot be read or there is no refresh token
+        ({**NOT_DUE}, True, "bad key", False, None, False, ("save", AttemptResult.SKIPPED)),
+        ({**NOT_DUE}, True, None, False, BLOCKED, False, ("save", AttemptResult.SKIPPED)),
+        # an application waits (on demand): refreshed though not due
+        ({**NOT_DUE}, True, None, True, None, True, ("refresh", None)),
+        # refresh token ended: re-consent, never sent (not even on demand)
+        ({**DUE, **ENDED}, True, None, True, None, True, ("save", AttemptResult.SKIPPED)),
+        # entering the re-consent window while due: still refreshed
+        ({**DUE, **WINDOW}, True, None, True, None, False, ("refresh", None)),
+        # due but the tokens cannot be read: kept, looked at again later
+        ({**DUE}, True, "bad key", False, None, False, ("save", AttemptResult.INTERNAL)),
+        ({**DUE}, True, "bad key", False, BLOCKED, False, ("save", AttemptResult.INTERNAL)),
+        # due, no refresh token stored: needs re-consent
+        ({**DUE}, True, None, False, None, False, ("save", AttemptResult.PERMANENT)),
+        ({**DUE}, True, None, False, BLOCKED, False, ("save", AttemptResult.PERMANENT)),
+        # due, its client blocked: held unsent
+        ({**DUE}, True, None, True, BLOCKED, False, ("save", AttemptResult.HELD)),
+        ({**NOT_DUE}, True, None, True, BLOCKED, True, ("save", AttemptResult.HELD)),
+        # client credentials: no dates, no refresh token; always sent unless blocked
+        ({**CC, **NOT_DUE}, True, None, False, None, False, ("refresh", None)),
+        ({**CC}, True, None, False, BLOCKED, False, ("save", AttemptResult.HELD)),
+        ({**CC}, True, "bad key", False, None, False, ("save", AttemptResult.INTERNAL)),
+        ({**CC}, False, None, False, None, False, ("fail", AttemptResult.CLIENT)),
+    ])
+def test_plan(g: dict[str, object], known: bool, tokens_error: str | None, has_refresh: bool,
+              blocked: policy.Blocked | None, priority: bool,
+              expected: tuple[str, AttemptResult | None]) -> None:
+    d = policy.plan(grant(**g), NOW, S, client_known=known, tokens_error=tokens_error,
+                    has_refresh=has_refresh, blocked=blocked, priority=priority)
+    if isinstance(d, policy.Fail):
+        got: tuple[str, AttemptResult | None] = ("fail", AttemptResult(d.error.kind.value))
+    elif isinstance(d, policy.Save):
+        got = ("save", d.result)
+    else:
+        assert isinstance(d, policy.Refresh)
+        got = ("refresh", None)
+    assert got == expected
+
+
+def plan_save(**kw: object) -> policy.Save:
+    args: dict[str, object] = {"client_known": True, "tokens_error": None,
+                               "has_refresh": True, "blocked": None, "priority": False}
+    g = kw.pop("g", grant(**DUE))
+    args.update(kw)
+    d = policy.plan(g, NOW, S, **args)  # type: ignore[arg-type]
+    assert isinstance(d, policy.Save), d
+    return d
+
+
+def test_plan_outcomes() -> None:
+    # a status change only: the lifecycle status, next due at its next piece of work
+    g = grant(**NOT_DUE, **WINDOW, failure_count=2, last_error="x", in_doubt=True)
+    o = plan_save(g=g).outcome
+    assert (o.status, o.reason, o.failure_count, o.last_error, o.in_doubt) == (
+        Status.RECONSENT_DUE, "refresh_token_expiring", 2, "x", True)
+    assert o.next_attempt_at == policy.next_attempt(
+        replace(g, status=o.status, reason=o.reason), NOW, S)
+    # ended: re-consent, never looked at again by itself
+    o = plan_save(g=grant(**DUE, **ENDED)).outcome
+    assert (o.status, o.reason, o.next_attempt_at) == (
+        Status.RECONSENT_REQUIRED, "refresh_token_expired", None)
+    # undecryptable: status kept, one more failure, back after retry_max, error bounded
+    g = grant(**DUE, status=Status.RECONSENT_DUE, reason="max_age", failure_count=1)
+    d = plan_save(g=g, tokens_error="e" * 900, has_refresh=False)
+    o = d.outcome
+    assert (d.why, o.status, o.reason, o.failure_count, o.next_attempt_at) == (
+        policy.SAVE_UNDECRYPTABLE, Status.RECONSENT_DUE, "max_age", 2, NOW + S.retry_max)
+    assert o.last_error is not None and len(o.last_error) == 500
+    # no refresh token: re-consent, not in doubt
+    o = plan_save(g=grant(**DUE, in_doubt=True), has_refresh=False).outcome
+    assert (o.status, o.reason, o.next_attempt_at, o.last_error, o.in_doubt) == (
+        Status.RECONSENT_REQUIRED, "invalid_grant", None, "no refresh token stored", False)
+    # blocked: held until the circuit says, with its note, not counted as a failure
+    g = grant(**DUE, **WINDOW, failure_count=3)
+    o = plan_save(g=g, blocked=BLOCKED).outcome
+    assert (o.status, o.next_attempt_at, o.last_error, o.failure_count) == (
+        Status.RECONSENT_DUE, BLOCKED.until, BLOCKED.note, 3)
+
+
+@pytest.mark.parametrize(("admitted", "left", "expected"), [
+    (True, None, policy.REFRESH),
+    (True, timedelta(minutes=10), policy.REFRESH),
+    (True, timedelta(seconds=1), policy.Release(policy.RELEASE_LEASE_TOO_SHORT)),
+    (True, timedelta(seconds=-5), policy.Release(policy.RELEASE_LEASE_TOO_SHORT)),
+    (False, timedelta(minutes=10), policy.Release(policy.RELEASE_STOPPING)),
+    (False, None, policy.Release(policy.RELEASE_STOPPING)),
+])
+def test_send_now(admitted: bool, left: timedelta | None,
+                  expected: policy.Refresh | policy.Release) -> None:
+    assert policy.send_now(admitted=admitted, lease_left=left,
+                           timeout=timedelta(seconds=10)) == expected

@@ -30,7 +30,7 @@ from . import circuit, consent, events, leases, logs, owners, planner, policy, s
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, ProviderError, StoreError
 from .metrics import Metrics
-from .model import Grant, GrantType, Outcome, Status, TokenResponse
+from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
 from .sharedlimit import limiter_for
 from .store import Clock, Store
@@ -45,7 +45,7 @@ class PassResult:
     refreshed: int = 0
     failed: int = 0
     skipped: int = 0  # claimed but given back (shutdown) or nothing to do over HTTP
-    failures: Counter[str] = field(default_factory=Counter)  # by kind
+    failures: Counter[AttemptResult] = field(default_factory=Counter)  # by kind
     duration: float = 0.0
     stopped: bool = False
 
@@ -201,7 +201,7 @@ class Maintenance:
             most = max(1, min(most, fit))
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
-        finished: queue.SimpleQueue[Future[str]] = queue.SimpleQueue()
+        finished: queue.SimpleQueue[Future[AttemptResult]] = queue.SimpleQueue()
         in_flight = 0
         exhausted = False
         try:
@@ -241,7 +241,7 @@ class Maintenance:
         now = self.clock()
         with self._circuit_lock:
             due = [name for name, c in self.circuits.items() if circuit.probe_due(c, now)]
-        probes: list[Future[str]] = []
+        probes: list[Future[AttemptResult]] = []
         try:
             for name in due:
                 if self.stop_event.is_set():
@@ -262,85 +262,68 @@ class Maintenance:
             self._probes.clear()
 
     def _guarded(self, grant: Grant, claimed_at: float | None = None, *,
-                 priority: bool = False) -> str:
+                 priority: bool = False) -> AttemptResult:
         if self.held.holds(grant.id):
             # Its new refresh token waits to be saved; the stored one is spent.
             log.info("grant_held", grant_id=grant.id, client=grant.client,
                      detail="not refreshed: its rotated token is not saved yet")
-            return "held"
+            return AttemptResult.HELD
         try:
             return self.attempt(grant, claimed_at, priority=priority)
         except Exception as exc:  # the error boundary: log, count, go on
             log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
                       error=type(exc).__name__, detail=str(exc)[:200])
-            return "internal"
+            return AttemptResult.INTERNAL
 
     # ------------------------------------------------------------------ one grant
 
     def attempt(self, grant: Grant, claimed_at: float | None = None, *,
-                priority: bool = False) -> str:
-        """Handle one claimed grant; returns "ok", "skipped", "released", "held" or an
-        error kind.
+                priority: bool = False) -> AttemptResult:
+        """Handle one claimed grant; returns how the attempt ended.
 
         ``claimed_at``: the monotonic time read just before the claim (see
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
         ``priority``: an application waits for it (:mod:`tokend.ondemand`).
         """
-        s = self.schedule
         now = self.clock()
         client = self.config.clients.get(grant.client)
-        if client is None:
-            err = ProviderError(ErrorKind.CLIENT, "unknown_client",
-                                description=f"client {grant.client!r} is not configured")
-            return self._failed(grant, err, now, None)
         is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
-        if not is_cc:
-            status, reason = policy.lifecycle(grant, now, s)
-            # On demand (priority) the application's 401 is the reason to refresh.
-            if status == Status.RECONSENT_REQUIRED or (
-                    not priority and not policy.refresh_due(grant, now, s)):
-                # Due for a status change only (e.g. entering the re-consent window).
-                outcome = Outcome(status=status, reason=reason,
-                                  next_attempt_at=policy.next_attempt(
-                                      replace(grant, status=status, reason=reason), now, s),
-                                  failure_count=grant.failure_count,
-                                  last_error=grant.last_error, in_doubt=grant.in_doubt)
-                self._save(grant, outcome)
-                return "skipped"
-        try:
-            _access, refresh = self.store.tokens(grant)
-        except DecryptError as exc:
-            # The operator's key is wrong or missing: nothing was sent, nothing is lost.
-            # Keep the grant as it is and look again after retry_max.
-            log.error("grant_undecryptable", grant_id=grant.id, client=grant.client,
-                      error=str(exc))
-            self._save(grant, Outcome(
-                status=grant.status, reason=grant.reason,
-                next_attempt_at=now + s.retry_max, failure_count=grant.failure_count + 1,
-                last_error=str(exc)[:500], in_doubt=grant.in_doubt))
-            return "internal"
-        if not is_cc and refresh is None:
-            outcome = Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
-                              next_attempt_at=None, failure_count=grant.failure_count,
-                              last_error="no refresh token stored", in_doubt=False)
-            self._save(grant, outcome)
-            return "permanent"
+        refresh: str | None = None
+        tokens_error: str | None = None
+        if client is not None:
+            try:
+                _access, refresh = self.store.tokens(grant)
+            except DecryptError as exc:
+                tokens_error = str(exc)
+        blocked = None
         if grant.id not in self._probes and not self._admits(grant.client):
-            held = (grant.status, grant.reason) if is_cc else (status, reason)
-            return self._hold(grant, held, now)
-        if self.stop_event.is_set() or not self.limiter.acquire(self.stop_event,
-                                                                 priority=priority):
-            self._release(grant)
-            return "released"
-        if claimed_at is not None:
-            left = leases.remaining(claimed_at, self.lease, time.monotonic())
-            if not leases.can_send(left, self.config.provider.timeout):
-                # Sent now, it could still be on the wire when another process takes the
-                # grant over: given back unsent, it is claimed afresh with a full lease.
+            blocked = policy.Blocked(circuit.hold_until(grant, now, self.config.schedule),
+                                     circuit.HELD)
+        decision = policy.plan(grant, now, self.schedule, client_known=client is not None,
+                               tokens_error=tokens_error, has_refresh=refresh is not None,
+                               blocked=blocked, priority=priority)
+        if isinstance(decision, policy.Fail):
+            return self._failed(grant, decision.error, now, None)
+        if isinstance(decision, policy.Save):
+            if decision.why == policy.SAVE_UNDECRYPTABLE:
+                log.error("grant_undecryptable", grant_id=grant.id, client=grant.client,
+                          error=tokens_error)
+            self._save(grant, decision.outcome)
+            return decision.result
+        assert client is not None
+        admitted = not self.stop_event.is_set() and self.limiter.acquire(
+            self.stop_event, priority=priority)
+        left = (leases.remaining(claimed_at, self.lease, time.monotonic())
+                if claimed_at is not None else None)
+        go = policy.send_now(admitted=admitted, lease_left=left,
+                             timeout=self.config.provider.timeout)
+        if isinstance(go, policy.Release):
+            if go.why == policy.RELEASE_LEASE_TOO_SHORT:
+                assert left is not None
                 log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
                             lease_left_s=round(left.total_seconds(), 1))
-                self._release(grant)
-                return "released"
+            self._release(grant)
+            return AttemptResult.RELEASED
         t0 = time.monotonic()
         try:
             if is_cc:
@@ -354,7 +337,8 @@ class Maintenance:
         self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
         return self._succeeded(grant, resp, refresh)
 
-    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None) -> str:
+    def _succeeded(self, grant: Grant, resp: TokenResponse,
+                   old_refresh: str | None) -> AttemptResult:
         now = self.clock()
         outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
@@ -368,10 +352,10 @@ class Maintenance:
                  next_due=_iso(outcome.next_attempt_at),
                  duration_ms=round((now - resp.sent_at).total_seconds() * 1000, 1),
                  saved=saved)
-        return "ok"
+        return AttemptResult.OK
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
-                client: ClientConfig | None) -> str:
+                client: ClientConfig | None) -> AttemptResult:
         outcome = policy.after_failure(grant, err, now, self.schedule, rand=self.rand())
         kind = err.kind.value
         self.metrics.failure(grant.client, grant.grant_type, kind, err.error)
@@ -385,22 +369,13 @@ class Maintenance:
         self._save(grant, outcome)
         if client is not None:
             self._judge(grant, err)
-        return kind
+        return AttemptResult(kind)
 
     # ------------------------------------------------------------------ the client's circuit
 
     def _admits(self, client: str) -> bool:
         with self._circuit_lock:
             return circuit.admits(self.circuits.get(client, circuit.Circuit()))
-
-    def _hold(self, grant: Grant, status: tuple[Status, str | None], now: datetime) -> str:
-        """Give a grant of a blocked client back unsent; not a failure of the grant."""
-        self._save(grant, Outcome(
-            status=status[0], reason=status[1],
-            next_attempt_at=circuit.hold_until(grant, now, self.config.schedule),
-            failure_count=grant.failure_count, last_error=circuit.HELD,
-            in_doubt=grant.in_doubt))
-        return "held"
 
     def _judge(self, grant: Grant, err: ProviderError | None) -> None:
         """Update the grant's client circuit with the answer to its attempt."""
@@ -458,11 +433,8 @@ class Maintenance:
         delay = self.save_retry
         while True:
             try:
-                saved = self.store.save(grant, outcome, self.owner, event)
-                if not saved:
-                    log.warning("save_discarded", grant_id=grant.id, client=grant.client,
-                                detail="grant was re-consented or deleted during the attempt")
-                return saved
+                return self._saved(grant, outcome, event,
+                                   self.store.save(grant, outcome, self.owner, event))
             except StoreError as exc:
                 if not must and self.stop_event.is_set():
                     log.error("save_abandoned", grant_id=grant.id, error=str(exc))
@@ -481,7 +453,8 @@ class Maintenance:
         worker is free again.
         """
         try:
-            return self._saved(grant, self.store.save(grant, outcome, self.owner, event))
+            return self._saved(grant, outcome, event,
+                               self.store.save(grant, outcome, self.owner, event))
         except Exception as exc:  # any error: the token must not reach the error boundary
             error = exc
         entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
@@ -500,7 +473,7 @@ class Maintenance:
                 delay = min(delay * 2, 30.0)
                 continue
             self.held.done(entry)
-            return self._saved(grant, saved)
+            return self._saved(grant, outcome, event, saved)
         log.warning("save_handed_over", grant_id=grant.id, client=grant.client,
                     error=_error_text(error), spooled=spooled,
                     held_outcomes=self.held.count(),
@@ -508,14 +481,21 @@ class Maintenance:
         self.held.hand_over(entry)
         return False
 
-    def _saved(self, grant: Grant, saved: bool) -> bool:
+    def _saved(self, grant: Grant, outcome: Outcome, event: dict[str, Any] | None,
+               saved: bool) -> bool:
         if not saved:
             log.warning("save_discarded", grant_id=grant.id, client=grant.client,
                         detail="grant was re-consented or deleted during the attempt")
+        else:
+            _status_changed(grant, outcome, event, grant.status)
         return saved
 
     def _replay_save(self, entry: spool.Entry) -> bool:
-        return self.store.save(entry.grant(), entry.outcome, spool.REPLAY_OWNER, entry.event)
+        grant = entry.grant()
+        saved = self.store.save(grant, entry.outcome, spool.REPLAY_OWNER, entry.event)
+        if saved:
+            _status_changed(grant, entry.outcome, entry.event, None)
+        return saved
 
     def _release(self, grant: Grant) -> None:
         try:
@@ -532,20 +512,26 @@ class Maintenance:
                      refresh_expires_at=_iso(grant.refresh_expires_at))
         elif name is None:
             return None
-        else:
-            log.warning("status_changed", grant_id=grant.id, client=grant.client,
-                        old=grant.status.value, new=outcome.status.value,
-                        reason=outcome.reason)
         now = self.clock()
         payload = events.payload(name, grant, outcome.status, outcome.reason,
                                 outcome.refresh_expires_at or grant.refresh_expires_at, now)
         return payload | consent.event_fields(self.config, grant, name, now)
 
 
-def _count(result: PassResult, outcome: str) -> None:
-    if outcome == "ok":
+def _status_changed(grant: Grant, outcome: Outcome, event: dict[str, Any] | None,
+                    old: Status | None) -> None:
+    """Logged once the change is saved: a discarded or unsaved one never happened.
+    ``old``: None when saved from the spool (its entry keeps only the new status)."""
+    if event is not None and event.get("event") != events.REMINDER:
+        log.warning("status_changed", grant_id=grant.id, client=grant.client,
+                    old=old.value if old is not None else None, new=outcome.status.value,
+                    reason=outcome.reason)
+
+
+def _count(result: PassResult, outcome: AttemptResult) -> None:
+    if outcome is AttemptResult.OK:
         result.refreshed += 1
-    elif outcome in ("skipped", "released", "held"):
+    elif not outcome.failed:
         result.skipped += 1
     else:
         result.failed += 1

@@ -29,6 +29,25 @@ class Reason(StrEnum):
 
 ACTIVE = (Status.OK, Status.RECONSENT_DUE)
 
+
+class AttemptResult(StrEnum):
+    """How one attempt on a claimed grant ended (counted by the pass, told to on-demand)."""
+
+    OK = "ok"  # refreshed and saved (or held for saving)
+    SKIPPED = "skipped"  # nothing to send: a status change or a reminder only
+    RELEASED = "released"  # given back unsent (stopping, rate limiter, lease too short)
+    HELD = "held"  # not sent: its client is blocked, or its rotated token awaits saving
+    # failures, named by their error kind (tokend.errors.ErrorKind):
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+    CLIENT = "client"
+    INTERNAL = "internal"  # tokend's own fault (undecryptable tokens, a crash)
+
+    @property
+    def failed(self) -> bool:
+        return self not in (AttemptResult.OK, AttemptResult.SKIPPED, AttemptResult.RELEASED,
+                            AttemptResult.HELD)
+
 # OAuth error codes (RFC 6749 5.2) that, answered to a refresh or a code exchange, mean the
 # user's grant is dead: declared once, for the classifier and for the reason the policy keeps.
 PERMANENT_ERRORS = frozenset(

@@ -23,7 +23,7 @@ from enum import StrEnum
 from . import circuit, logs
 from .errors import TokendError
 from .maintenance import Maintenance
-from .model import ACTIVE, Grant
+from .model import ACTIVE, AttemptResult, Grant
 
 log = logs.get("tokend.ondemand")
 # A token obtained this recently is returned as it is: many workers of an application
@@ -115,13 +115,14 @@ class OnDemand:
             m._release(claim)  # refreshed between our look and our claim
             return m.store.get(claim.id)
         outcome = m._guarded(claim, claimed_at, priority=True)
-        log.info("ondemand_refresh", grant_id=claim.id, client=claim.client, outcome=outcome)
+        log.info("ondemand_refresh", grant_id=claim.id, client=claim.client,
+                 outcome=outcome.value)
         grant = m.store.get(claim.id)
-        if outcome == "ok" or grant.status not in ACTIVE:
+        if outcome is AttemptResult.OK or grant.status not in ACTIVE:
             return grant
         if grant.token_version != asked:
             return grant
-        raise Unavailable(f"grant {claim.id} could not be refreshed now ({outcome})",
+        raise Unavailable(f"grant {claim.id} could not be refreshed now ({outcome.value})",
                           retry_after=_retry_after(grant, m.clock()))
 
 

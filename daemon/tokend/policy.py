@@ -7,9 +7,10 @@ tested with tables of cases.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
+from . import leases
 from .config import ScheduleConfig
 from .durations import Duration
 from .errors import ErrorKind, ProviderError
@@ -17,6 +18,7 @@ from .events import event_for
 from .model import (
     ACTIVE,
     PERMANENT_ERRORS,
+    AttemptResult,
     Grant,
     GrantType,
     Outcome,
@@ -290,3 +292,113 @@ def on_enable(grant: Grant, now: datetime, s: ScheduleConfig) -> tuple[Status, s
     """An operator resumes a grant: judged by its dates, and looked at on the next pass."""
     status, reason = lifecycle(replace(grant, status=Status.OK, reason=None), now, s)
     return status, reason, (None if status == Status.RECONSENT_REQUIRED else now)
+
+
+# ---------------------------------------------------------------------- one claimed grant
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """Send the refresh (or the client-credentials request)."""
+
+
+@dataclass(frozen=True)
+class Save:
+    """Send nothing: save ``outcome``; the attempt ends as ``result``."""
+
+    outcome: Outcome
+    result: AttemptResult
+    why: str  # one of the SAVE_* names below, for the log and the tests
+
+
+@dataclass(frozen=True)
+class Fail:
+    """Send nothing: the attempt fails with ``error``, as if the provider had answered it."""
+
+    error: ProviderError
+
+
+@dataclass(frozen=True)
+class Release:
+    """Send nothing: give the grant back unsent, as it was (claimed afresh later)."""
+
+    why: str  # RELEASE_STOPPING or RELEASE_LEASE_TOO_SHORT
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The grant's client is blocked (:mod:`tokend.circuit`, which decides ``until``):
+    its grant is held until then, ``note`` kept as its last error."""
+
+    until: datetime
+    note: str
+
+
+Decision = Refresh | Save | Fail | Release
+REFRESH = Refresh()
+SAVE_STATUS = "status_only"  # due for a status change or a reminder, not a refresh
+SAVE_UNDECRYPTABLE = "undecryptable"
+SAVE_NO_REFRESH_TOKEN = "no_refresh_token"
+SAVE_BLOCKED = "client_blocked"
+RELEASE_STOPPING = "stopping"
+RELEASE_LEASE_TOO_SHORT = "lease_too_short"
+
+
+def plan(grant: Grant, now: datetime, s: ScheduleConfig, *, client_known: bool,
+         tokens_error: str | None, has_refresh: bool, blocked: Blocked | None,
+         priority: bool = False) -> Decision:
+    """What to do with a claimed grant before anything is sent.
+
+    ``tokens_error``: why its stored tokens cannot be read (None: they can);
+    ``has_refresh``: a refresh token is stored; ``priority``: an application waits for
+    it (:mod:`tokend.ondemand`) after a 401, which is reason enough to refresh.
+    """
+    if not client_known:
+        return Fail(ProviderError(ErrorKind.CLIENT, "unknown_client",
+                                  description=f"client {grant.client!r} is not configured"))
+    is_cc = grant.grant_type == GrantType.CLIENT_CREDENTIALS
+    status, reason = lifecycle(grant, now, s)
+    if not is_cc and (status == Status.RECONSENT_REQUIRED
+                      or (not priority and not refresh_due(grant, now, s))):
+        return Save(Outcome(status=status, reason=reason,
+                            next_attempt_at=next_attempt(
+                                replace(grant, status=status, reason=reason), now, s),
+                            failure_count=grant.failure_count, last_error=grant.last_error,
+                            in_doubt=grant.in_doubt),
+                    AttemptResult.SKIPPED, SAVE_STATUS)
+    if tokens_error is not None:
+        # The operator's key is wrong or missing: nothing was sent, nothing is lost.
+        # Keep the grant as it is and look again after retry_max.
+        return Save(Outcome(status=grant.status, reason=grant.reason,
+                            next_attempt_at=now + s.retry_max,
+                            failure_count=grant.failure_count + 1,
+                            last_error=tokens_error[:LAST_ERROR_MAX],
+                            in_doubt=grant.in_doubt),
+                    AttemptResult.INTERNAL, SAVE_UNDECRYPTABLE)
+    if not is_cc and not has_refresh:
+        return Save(Outcome(status=Status.RECONSENT_REQUIRED, reason="invalid_grant",
+                            next_attempt_at=None, failure_count=grant.failure_count,
+                            last_error="no refresh token stored", in_doubt=False),
+                    AttemptResult.PERMANENT, SAVE_NO_REFRESH_TOKEN)
+    if blocked is not None:
+        # Given back unsent: not a failure of the grant.
+        return Save(Outcome(status=status, reason=reason, next_attempt_at=blocked.until,
+                            failure_count=grant.failure_count, last_error=blocked.note,
+                            in_doubt=grant.in_doubt),
+                    AttemptResult.HELD, SAVE_BLOCKED)
+    return REFRESH
+
+
+def send_now(*, admitted: bool, lease_left: timedelta | None,
+             timeout: timedelta) -> Refresh | Release:
+    """After the wait for the rate limiter: send, or give the grant back unsent.
+
+    ``admitted``: the rate limiter let it through (False: tokend is stopping);
+    ``lease_left``: what is left of its lease (None: no lease to watch). Sent with too
+    little left, it could still be on the wire when another process takes the grant over.
+    """
+    if not admitted:
+        return Release(RELEASE_STOPPING)
+    if lease_left is not None and not leases.can_send(lease_left, timeout):
+        return Release(RELEASE_LEASE_TOO_SHORT)
+    return REFRESH
