@@ -121,14 +121,15 @@ def snap(driver: Any, request: pytest.FixtureRequest, name: str) -> None:
 
 
 def heading(driver: Any, expected: str, timeout: float = 20) -> None:
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-    from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    # the page may be replaced between finding the heading and reading it
-    WebDriverWait(driver, timeout, ignored_exceptions=(
-        NoSuchElementException, StaleElementReferenceException)).until(
-        lambda d: d.find_element(By.TAG_NAME, "h1").text == expected,
+    # The page may be replaced between finding the heading and reading it: read it in
+    # one script (no element handle to go stale), and let a navigation in progress
+    # (Chromium's "Node with given id does not belong to the document") try again.
+    read = "const h = document.querySelector('h1'); return h ? h.textContent.trim() : null;"
+    WebDriverWait(driver, timeout, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(read) == expected,
         message=f"page with heading {expected!r}")
 
 
