@@ -1,0 +1,421 @@
+"""Each config key declared once (:data:`_KEYS`), the sections read by their own
+functions, and :func:`render` for ``check-config``."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config_read import (
+    _EnvValue,
+    _Reader,
+)
+from .config_types import (
+    DEFAULT_REMINDERS,
+    LINK_KEY_MIN,
+    MAX_TIMEOUT,
+    MIN_TIMEOUT,
+    ApiConfig,
+    ApiKey,
+    ClientConfig,
+    Config,
+    ConsentConfig,
+    DatabaseConfig,
+    LoggingConfig,
+    MetricsConfig,
+    NotifyConfig,
+    ProviderConfig,
+    ScheduleConfig,
+    Secret,
+    StateConfig,
+    _hide_user,
+    mask_url,
+    mask_webhook,
+    split_host_port,
+)
+from .durations import Duration, format_timedelta
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------- loading
+
+Read = Callable[["_Reader", str, str], Any]
+
+
+@dataclass(frozen=True)
+class _Key:
+    section: str
+    key: str
+    show: Callable[[Config], str]
+    # None: read by its section's function (database, encryption, consent, api, state),
+    # whose keys depend on each other or on files.
+    read: Read | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def _default(cls: type, key: str) -> Any:
+    return getattr(cls, key)  # a dataclass keeps each field's default on the class
+
+
+def _url(cls: type) -> Read:
+    return lambda r, s, k: r.url(s, k, _default(cls, k))
+
+
+def _timedelta(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.timedelta(s, k, _default(cls, k), **bounds)
+
+
+def _duration(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.duration(s, k, _default(cls, k), **bounds)
+
+
+def _number(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.number(s, k, _default(cls, k), **bounds)
+
+
+def _integer(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: int(r.number(s, k, _default(cls, k), integer=True, **bounds))
+
+
+def _max_grant_age(r: _Reader, section: str, key: str) -> Duration | None:
+    text = r.string(section, key, "")
+    if not text:
+        return None
+    max_age: Duration = r.parse(section, key, Duration.parse, text)
+    if max_age.is_zero:
+        raise ConfigError("schedule.max_grant_age: must be longer than zero "
+                          "(leave it empty for no limit)")
+    return max_age
+
+
+def _refresh_margin_min(r: _Reader, section: str, key: str) -> timedelta:
+    # Unset: 10 minutes, or refresh_before when that is shorter (never an error).
+    before = r.timedelta(section, "refresh_before", ScheduleConfig.refresh_before,
+                         positive=True)
+    return r.timedelta(section, key, min(ScheduleConfig.refresh_margin_min, before),
+                       positive=True)
+
+
+def _listen(r: _Reader, section: str, key: str) -> str:
+    listen = r.string(section, key, MetricsConfig.listen)
+    if listen:
+        r.parse(section, key, split_host_port, listen)
+    return listen
+
+
+def _log_format(r: _Reader, section: str, key: str) -> str:
+    fmt = r.string(section, key, LoggingConfig.format)
+    if fmt not in ("json", "console", "auto"):
+        raise ConfigError(f"logging.format: must be json, console or auto, not {fmt!r}")
+    return fmt
+
+
+def _log_level(r: _Reader, section: str, key: str) -> str:
+    level = r.string(section, key, LoggingConfig.level).lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(sorted(_LEVELS))}, "
+                          f"not {level!r}")
+    return level
+
+
+def _q(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _mask(secret: object) -> str:
+    return _q("********" if secret else "")
+
+
+# Every key of a [section] once: its name, the other name it may be given by (the
+# *_file form of a secret) and its check-config value (masked). The reading of each key
+# (reader, default from the dataclass, bounds) is in _build and the section functions it
+# calls, in this order; cross-key checks follow the keys they compare.
+_KEYS: tuple[_Key, ...] = (
+    _Key("database", "url", lambda c: _q(mask_url(c.database.url))),
+    _Key("provider", "authorize_url", lambda c: _q(_hide_user(c.provider.authorize_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "token_url", lambda c: _q(_hide_user(c.provider.token_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "user_url", lambda c: _q(_hide_user(c.provider.user_url)),
+         _url(ProviderConfig)),
+    _Key("provider", "refresh_token_ttl", lambda c: _q(str(c.provider.refresh_token_ttl)),
+         _duration(ProviderConfig, positive=True)),
+    _Key("provider", "rate_limit", lambda c: _q(c.provider.rate_limit),
+         _number(ProviderConfig, minimum=0)),
+    # Below 1 s a slow but healthy provider times out after it has already rotated the
+    # refresh token (the answer is lost); the lease is six timeouts long, and a stop
+    # waits for calls in flight, so the timeout has an upper bound too.
+    _Key("provider", "timeout", lambda c: _q(format_timedelta(c.provider.timeout)),
+         _timedelta(ProviderConfig, positive=True, minimum=MIN_TIMEOUT, maximum=MAX_TIMEOUT)),
+    _Key("provider", "verify_tls", lambda c: _q(c.provider.verify_tls),
+         lambda r, s, k: r.boolean(s, k, ProviderConfig.verify_tls)),
+    _Key("schedule", "interval", lambda c: _q(format_timedelta(c.schedule.interval)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "refresh_before",
+         lambda c: _q(format_timedelta(c.schedule.refresh_before)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "refresh_margin_min",
+         lambda c: _q(format_timedelta(c.schedule.refresh_margin_min)), _refresh_margin_min),
+    _Key("schedule", "retry_max", lambda c: _q(format_timedelta(c.schedule.retry_max)),
+         _timedelta(ScheduleConfig, positive=True)),
+    _Key("schedule", "reconsent_before", lambda c: _q(str(c.schedule.reconsent_before)),
+         _duration(ScheduleConfig)),
+    _Key("schedule", "concurrency", lambda c: str(c.schedule.concurrency),
+         _integer(ScheduleConfig, minimum=1, maximum=256)),
+    _Key("schedule", "max_grant_age",
+         lambda c: _q(str(c.schedule.max_grant_age) if c.schedule.max_grant_age else ""),
+         _max_grant_age),
+    _Key("schedule", "batch_size", lambda c: str(c.schedule.batch_size),
+         _integer(ScheduleConfig, minimum=1, maximum=10000)),
+    _Key("metrics", "listen", lambda c: _q(c.metrics.listen), _listen),
+    _Key("logging", "format", lambda c: _q(c.logging.format), _log_format),
+    _Key("logging", "level", lambda c: _q(c.logging.level), _log_level),
+    _Key("encryption", "key_file",
+         lambda c: f"{_q(str(c.encryption.key_file or ''))}"
+                   f"  # {len(c.encryption.keys)} key(s) loaded"),
+    _Key("state", "dir",
+         lambda c: f"{_q(str(c.state.dir or ''))}  # "
+                   + (f"from {c.state.origin}" if c.state.dir
+                      else "not set: `tokend run` needs it with PostgreSQL")),
+    _Key("notify", "webhook_url", lambda c: _q(mask_webhook(c.notify.webhook_url)),
+         lambda r, s, k: r.url(s, k, NotifyConfig.webhook_url, allow_empty=True)),
+    _Key("notify", "webhook_secret", lambda c: _mask(c.notify.webhook_secret),
+         lambda r, s, k: r.secret(s, k), aliases=("webhook_secret_file",)),
+    _Key("consent", "listen", lambda c: _q(c.consent.listen)),
+    _Key("consent", "public_url", lambda c: _q(_hide_user(c.consent.public_url))),
+    _Key("consent", "link_key", lambda c: _mask(c.consent.link_key),
+         aliases=("link_key_file",)),
+    _Key("consent", "link_ttl", lambda c: _q(str(c.consent.link_ttl))),
+    _Key("consent", "reminders",
+         lambda c: "[" + ", ".join(_q(str(d)) for d in c.consent.reminders) + "]"),
+    _Key("api", "listen",
+         lambda c: _q(c.api.listen)
+         + (f"  # socket {c.api.socket_path}" if c.api.socket_path else "")),
+    _Key("api", "key_file",
+         lambda c: f"{_mask(c.api.keys)}  # {len(c.api.keys)} key(s) loaded"),
+    _Key("api", "clients", lambda c: "[" + ", ".join(_q(n) for n in c.api.clients) + "]"),
+    _Key("api", "wait", lambda c: _q(str(int(c.api.wait.total_seconds())) + "s")),
+)
+_SECTIONS: dict[str, set[str]] = {}
+for _k in _KEYS:
+    _SECTIONS.setdefault(_k.section, set()).update((_k.key, *_k.aliases))
+
+
+def _section(r: _Reader, section: str) -> dict[str, Any]:
+    """The keys of a section that the table reads, by name (= the dataclass's fields)."""
+    return {k.key: k.read(r, k.section, k.key) for k in _KEYS
+            if k.section == section and k.read is not None}
+_CLIENT_KEYS = {
+    "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
+    "client_credentials",
+}
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def _consent(r: _Reader) -> ConsentConfig:
+    listen = r.string("consent", "listen", "")
+    if listen:
+        r.parse("consent", "listen", split_host_port, listen)
+    public_url = r.url("consent", "public_url", "", allow_empty=True).rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.query or parts.fragment:
+        raise ConfigError("consent.public_url: must not have a query or fragment")
+    key = r.secret("consent", "link_key")
+    if key is not None and len(key.value) < LINK_KEY_MIN:
+        raise ConfigError(f"consent.link_key: too short (at least {LINK_KEY_MIN} characters, "
+                          "e.g. from `openssl rand -base64 32`)")
+    if listen and not public_url:
+        raise ConfigError("consent.public_url: is required when consent.listen is set "
+                          "(the address users reach through the reverse proxy)")
+    if listen and key is None:
+        raise ConfigError("consent.link_key_file: is required when consent.listen is set "
+                          "(a secret of at least 32 characters; never created by tokend)")
+    ttl = r.duration("consent", "link_ttl", ConsentConfig.link_ttl, positive=True)
+    raw = r.raw.get("consent", {}).get("reminders")
+    reminders: tuple[Duration, ...] = DEFAULT_REMINDERS
+    if raw is not None:
+        items: list[Any]
+        if isinstance(raw, _EnvValue):
+            items = [x for x in (part.strip() for part in raw.split(",")) if x]
+        elif isinstance(raw, list):
+            items = raw
+        else:
+            raise ConfigError('consent.reminders: must be a list of durations like ["3d", "1d"]')
+        parsed: set[Duration] = set()
+        for item in items:
+            d: Duration = r.parse("consent", "reminders", Duration.parse, item)
+            if d.is_zero:
+                raise ConfigError("consent.reminders: each must be longer than zero")
+            parsed.add(d)
+        reminders = tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
+    return ConsentConfig(listen=listen, public_url=public_url, link_key=key, link_ttl=ttl,
+                         reminders=reminders)
+
+
+_LOOPBACK = ("localhost",)
+
+
+def _api(r: _Reader, clients: Mapping[str, ClientConfig]) -> ApiConfig:
+    listen = r.string("api", "listen", "")
+    raw = r.raw.get("api", {}).get("clients", [])
+    if isinstance(raw, _EnvValue):
+        raw = [x.strip() for x in raw.split(",") if x.strip()]
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ConfigError('api.clients: must be a list of client names like ["main"]')
+    for name in raw:
+        if name not in clients:
+            raise ConfigError(f"api.clients: unknown client {name!r}")
+    wait = r.timedelta("api", "wait", ApiConfig.wait, positive=True,
+                       maximum=timedelta(minutes=5))
+    key_name = r.string("api", "key_file", "")
+    keys = read_api_keys(r.locate(key_name), clients) if key_name else ()
+    socket_path: Path | None = None
+    if listen and ("/" in listen or ":" not in listen):
+        path = Path(listen).expanduser()
+        if not path.is_absolute():
+            runtime = (r.env.get("RUNTIME_DIRECTORY") or "").split(":")[0].strip()
+            base = Path(runtime) if runtime else (
+                r.source.parent if r.source is not None else Path.cwd())
+            path = base / path
+        socket_path = path.absolute()
+    elif listen:
+        host, _port = r.parse("api", "listen", split_host_port, listen)
+        try:
+            loopback = host in _LOOPBACK or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"api.listen: {host} is not a loopback address (tokens are "
+                              "served to this host only; use 127.0.0.1:PORT or a socket path)")
+        if not keys:
+            raise ConfigError("api.key_file: is required when api.listen is HOST:PORT "
+                              "(one bearer key per line; never created by tokend)")
+    return ApiConfig(listen=listen, socket_path=socket_path, keys=keys,
+                     clients=tuple(raw), wait=wait)
+
+
+def read_api_keys(path: Path, clients: Mapping[str, ClientConfig]) -> tuple[ApiKey, ...]:
+    """``KEY`` or ``KEY client[,client...]`` per line; ``#`` comments."""
+    try:
+        lines = path.read_text(encoding="ascii").splitlines()
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or "not ASCII text"
+        raise ConfigError(f"api.key_file: {path} cannot be read: {reason}") from None
+    keys: list[ApiKey] = []
+    for number, line in enumerate(lines, 1):
+        parts = line.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if len(parts[0]) < 16 or len(parts) > 2:
+            raise ConfigError(f"api.key_file: {path} line {number}: expected a key of at "
+                              "least 16 characters, then optionally client names "
+                              "separated by commas")
+        names = tuple(n for n in parts[1].split(",") if n) if len(parts) == 2 else ()
+        for name in names:
+            if name not in clients:
+                raise ConfigError(f"api.key_file: {path} line {number}: unknown client "
+                                  f"{name!r}")
+        keys.append(ApiKey(Secret(parts[0]), names))
+    if not keys:
+        raise ConfigError(f"api.key_file: {path} holds no key")
+    return tuple(keys)
+
+
+def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> StateConfig:
+    # systemd passes a colon-separated list when StateDirectory= names several.
+    from_env = (env.get("STATE_DIRECTORY") or "").split(":")[0].strip()
+    if from_env:
+        return StateConfig(dir=Path(from_env).absolute(), origin="$STATE_DIRECTORY")
+    configured = r.string("state", "dir", "")
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_absolute() and r.source is not None:
+            path = r.source.parent / path
+        return StateConfig(dir=path.absolute(), origin="[state] dir")
+    db_path = database.sqlite_path
+    if db_path is not None:
+        return StateConfig(dir=db_path.absolute().parent, origin="the SQLite file's directory")
+    return StateConfig()
+
+
+def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
+    if not isinstance(raw, dict):
+        raise ConfigError("clients: must be a table of [clients.NAME] tables")
+    out: dict[str, ClientConfig] = {}
+    for name, table in raw.items():
+        where = f"clients.{name}"
+        if not name.strip() or len(name) > 100:
+            raise ConfigError(f"{where}: a client name has 1 to 100 characters")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for key in table:
+            if key not in _CLIENT_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key")
+        section = f"clients.{name}"
+        client_id = r.string(section, "client_id", "", table=table)
+        if not client_id:
+            raise ConfigError(f"{where}.client_id: is required")
+        secret = r.secret(section, "client_secret", table=table)
+        if secret is None:
+            raise ConfigError(f"{where}.client_secret: is required (or client_secret_file)")
+        method = r.string(section, "auth_method", "client_secret_post", table=table)
+        if method not in ("client_secret_post", "client_secret_basic"):
+            raise ConfigError(
+                f"{where}.auth_method: must be client_secret_post or client_secret_basic, "
+                f"not {method!r}"
+            )
+        redirect = r.url(section, "redirect_uri", "", allow_empty=True, table=table)
+        out[name] = ClientConfig(
+            name=name,
+            client_id=client_id,
+            client_secret=secret,
+            auth_method=method,  # type: ignore[arg-type]
+            redirect_uri=redirect or None,
+            client_credentials=r.boolean(section, "client_credentials", False, table=table),
+        )
+    seen: dict[str, str] = {}
+    for name, c in out.items():
+        if c.client_id in seen:
+            raise ConfigError(f"clients.{name}.client_id: {c.client_id!r} is already the "
+                              f"client_id of clients.{seen[c.client_id]}")
+        seen[c.client_id] = name
+    return out
+
+
+def render(config: Config) -> str:
+    """The effective settings as TOML-like text, secrets masked (one line per key of
+    :data:`_KEYS`, the clients after the provider)."""
+    lines = [f"# effective configuration (source: {config.source or 'built-in defaults'})"]
+    section = ""
+    for spec in _KEYS:
+        if spec.section != section:
+            if section:
+                lines.append("")
+            if section == "provider":
+                lines += _render_clients(config)
+            section = spec.section
+            lines.append(f"[{section}]")
+        lines.append(f"{spec.key} = {spec.show(config)}")
+    return "\n".join(lines) + "\n"
+
+
+def _render_clients(config: Config) -> list[str]:
+    lines: list[str] = []
+    for c in config.clients.values():
+        lines += [
+            f"[clients.{c.name}]",
+            f"client_id = {_q(c.client_id)}",
+            'client_secret = "********"',
+            f"auth_method = {_q(c.auth_method)}",
+            f"redirect_uri = {_q(_hide_user(c.redirect_uri or ''))}",
+            f"client_credentials = {_q(c.client_credentials)}", "",
+        ]
+    return lines
