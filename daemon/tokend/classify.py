@@ -10,6 +10,9 @@ a healthy grant for re-consent costs a human far more than one more retry.
 Texts taken from the provider (``error_description``, ``message``, ``hint``) end up in
 logs and exception messages, so they are cleaned, shortened and scrubbed of the
 secrets that were sent in the request (a misbehaving server may echo them).
+
+Its size is one concern: every reading of a provider answer (token, user, error body,
+transport failure) sits here so that the PERMANENT/TRANSIENT rule above is applied in one place.
 """
 
 from __future__ import annotations

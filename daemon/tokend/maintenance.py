@@ -11,6 +11,10 @@ grants alive:
    (or by the next process, before it claims): a rotated refresh token is never dropped.
 
 Each grant is handled inside an error boundary: one grant's failure never ends a pass.
+
+Its size is one concern: the order of claim, refresh, save and hold above, kept in one
+class so that the steps which keep a rotated token alive can be read (and reviewed) together;
+the decisions are in :mod:`tokend.policy`, the holding in :mod:`tokend.spool`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 The engine asks: is this grant due, and when next? What status does it have now? What
 follows from this response or this error? Each answer is computed here, so each is
 tested with tables of cases.
+
+Its size is one concern: every scheduling and status decision of the engine, kept in one
+pure module so the tables of cases cover them all.
 """
 
 from __future__ import annotations

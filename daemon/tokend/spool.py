@@ -12,6 +12,10 @@ A replay goes through the save's guard with the token version alone: it matches 
 nobody has written tokens since the claim (a re-consent, or this very outcome saved
 before: each save moves the version on), so a stale copy can never overwrite newer
 tokens. An entry whose guard no longer matches is logged and dropped.
+
+Its size is one concern: the held token's life from the failed save to the database
+(file format, the durable write, replay and its guard), kept together so that no step of
+it can lose a rotated refresh token unnoticed.
 """
 
 from __future__ import annotations
