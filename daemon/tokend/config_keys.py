@@ -51,8 +51,8 @@ class _Key:
     section: str
     key: str
     show: Callable[[Config], str]
-    # None: read by its section's function (database, encryption, consent, api, state),
-    # whose keys depend on each other or on files.
+    # None: read by its section's function (database, encryption, api, state), whose
+    # keys depend on each other, on other sections or on files.
     read: Read | None = None
     aliases: tuple[str, ...] = ()
 
@@ -100,11 +100,13 @@ def _refresh_margin_min(r: _Reader, section: str, key: str) -> timedelta:
                        positive=True)
 
 
-def _listen(r: _Reader, section: str, key: str) -> str:
-    listen = r.string(section, key, MetricsConfig.listen)
-    if listen:
-        r.parse(section, key, split_host_port, listen)
-    return listen
+def _listen(cls: type) -> Read:
+    def read(r: _Reader, section: str, key: str) -> str:
+        listen: str = r.string(section, key, _default(cls, key))
+        if listen:
+            r.parse(section, key, split_host_port, listen)
+        return listen
+    return read
 
 
 def _log_format(r: _Reader, section: str, key: str) -> str:
@@ -122,6 +124,42 @@ def _log_level(r: _Reader, section: str, key: str) -> str:
     return level
 
 
+def _public_url(r: _Reader, section: str, key: str) -> str:
+    public_url: str = r.url(section, key, "", allow_empty=True).rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.query or parts.fragment:
+        raise ConfigError("consent.public_url: must not have a query or fragment")
+    return public_url
+
+
+def _link_key(r: _Reader, section: str, key: str) -> Secret | None:
+    secret = r.secret(section, key)
+    if secret is not None and len(secret.value) < LINK_KEY_MIN:
+        raise ConfigError(f"consent.link_key: too short (at least {LINK_KEY_MIN} characters, "
+                          "e.g. from `openssl rand -base64 32`)")
+    return secret
+
+
+def _reminders(r: _Reader, section: str, key: str) -> tuple[Duration, ...]:
+    raw = r.raw.get(section, {}).get(key)
+    if raw is None:
+        return DEFAULT_REMINDERS
+    items: list[Any]
+    if isinstance(raw, _EnvValue):
+        items = [x for x in (part.strip() for part in raw.split(",")) if x]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError('consent.reminders: must be a list of durations like ["3d", "1d"]')
+    parsed: set[Duration] = set()
+    for item in items:
+        d: Duration = r.parse(section, key, Duration.parse, item)
+        if d.is_zero:
+            raise ConfigError("consent.reminders: each must be longer than zero")
+        parsed.add(d)
+    return tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
+
+
 def _q(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -135,9 +173,9 @@ def _mask(secret: object) -> str:
 
 
 # Every key of a [section] once: its name, the other name it may be given by (the
-# *_file form of a secret) and its check-config value (masked). The reading of each key
-# (reader, default from the dataclass, bounds) is in _build and the section functions it
-# calls, in this order; cross-key checks follow the keys they compare.
+# *_file form of a secret), its check-config value (masked) and, where it can be read
+# alone, its reader (default from the dataclass, bounds). Cross-key checks run after
+# the section is read (in _build or the section's function, e.g. _consent).
 _KEYS: tuple[_Key, ...] = (
     _Key("database", "url", lambda c: _q(mask_url(c.database.url))),
     _Key("provider", "authorize_url", lambda c: _q(_hide_user(c.provider.authorize_url)),
@@ -175,7 +213,7 @@ _KEYS: tuple[_Key, ...] = (
          _max_grant_age),
     _Key("schedule", "batch_size", lambda c: str(c.schedule.batch_size),
          _integer(ScheduleConfig, minimum=1, maximum=10000)),
-    _Key("metrics", "listen", lambda c: _q(c.metrics.listen), _listen),
+    _Key("metrics", "listen", lambda c: _q(c.metrics.listen), _listen(MetricsConfig)),
     _Key("logging", "format", lambda c: _q(c.logging.format), _log_format),
     _Key("logging", "level", lambda c: _q(c.logging.level), _log_level),
     _Key("encryption", "key_file",
@@ -189,13 +227,16 @@ _KEYS: tuple[_Key, ...] = (
          lambda r, s, k: r.url(s, k, NotifyConfig.webhook_url, allow_empty=True)),
     _Key("notify", "webhook_secret", lambda c: _mask(c.notify.webhook_secret),
          lambda r, s, k: r.secret(s, k), aliases=("webhook_secret_file",)),
-    _Key("consent", "listen", lambda c: _q(c.consent.listen)),
-    _Key("consent", "public_url", lambda c: _q(_hide_user(c.consent.public_url))),
-    _Key("consent", "link_key", lambda c: _mask(c.consent.link_key),
+    _Key("consent", "listen", lambda c: _q(c.consent.listen), _listen(ConsentConfig)),
+    _Key("consent", "public_url", lambda c: _q(_hide_user(c.consent.public_url)),
+         _public_url),
+    _Key("consent", "link_key", lambda c: _mask(c.consent.link_key), _link_key,
          aliases=("link_key_file",)),
-    _Key("consent", "link_ttl", lambda c: _q(str(c.consent.link_ttl))),
+    _Key("consent", "link_ttl", lambda c: _q(str(c.consent.link_ttl)),
+         _duration(ConsentConfig, positive=True)),
     _Key("consent", "reminders",
-         lambda c: "[" + ", ".join(_q(str(d)) for d in c.consent.reminders) + "]"),
+         lambda c: "[" + ", ".join(_q(str(d)) for d in c.consent.reminders) + "]",
+         _reminders),
     _Key("api", "listen",
          lambda c: _q(c.api.listen)
          + (f"  # socket {c.api.socket_path}" if c.api.socket_path else "")),
@@ -221,43 +262,14 @@ _LEVELS = {"debug", "info", "warning", "error", "critical"}
 
 
 def _consent(r: _Reader) -> ConsentConfig:
-    listen = r.string("consent", "listen", "")
-    if listen:
-        r.parse("consent", "listen", split_host_port, listen)
-    public_url = r.url("consent", "public_url", "", allow_empty=True).rstrip("/")
-    parts = urlsplit(public_url)
-    if parts.query or parts.fragment:
-        raise ConfigError("consent.public_url: must not have a query or fragment")
-    key = r.secret("consent", "link_key")
-    if key is not None and len(key.value) < LINK_KEY_MIN:
-        raise ConfigError(f"consent.link_key: too short (at least {LINK_KEY_MIN} characters, "
-                          "e.g. from `openssl rand -base64 32`)")
-    if listen and not public_url:
+    consent = ConsentConfig(**_section(r, "consent"))
+    if consent.listen and not consent.public_url:
         raise ConfigError("consent.public_url: is required when consent.listen is set "
                           "(the address users reach through the reverse proxy)")
-    if listen and key is None:
+    if consent.listen and consent.link_key is None:
         raise ConfigError("consent.link_key_file: is required when consent.listen is set "
                           "(a secret of at least 32 characters; never created by tokend)")
-    ttl = r.duration("consent", "link_ttl", ConsentConfig.link_ttl, positive=True)
-    raw = r.raw.get("consent", {}).get("reminders")
-    reminders: tuple[Duration, ...] = DEFAULT_REMINDERS
-    if raw is not None:
-        items: list[Any]
-        if isinstance(raw, _EnvValue):
-            items = [x for x in (part.strip() for part in raw.split(",")) if x]
-        elif isinstance(raw, list):
-            items = raw
-        else:
-            raise ConfigError('consent.reminders: must be a list of durations like ["3d", "1d"]')
-        parsed: set[Duration] = set()
-        for item in items:
-            d: Duration = r.parse("consent", "reminders", Duration.parse, item)
-            if d.is_zero:
-                raise ConfigError("consent.reminders: each must be longer than zero")
-            parsed.add(d)
-        reminders = tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
-    return ConsentConfig(listen=listen, public_url=public_url, link_key=key, link_ttl=ttl,
-                         reminders=reminders)
+    return consent
 
 
 _LOOPBACK = ("localhost",)
