@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ class _Key:
     section: str
     key: str
     show: Callable[[Config], str]
-    # None: read by its section's function (database, encryption, api, state), whose
+    # None: read by its section's function (database, encryption, api), whose
     # keys depend on each other, on other sections or on files.
     read: Read | None = None
     aliases: tuple[str, ...] = ()
@@ -160,6 +160,24 @@ def _reminders(r: _Reader, section: str, key: str) -> tuple[Duration, ...]:
     return tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
 
 
+def _state_from_env(env: Mapping[str, str]) -> str:
+    # systemd passes a colon-separated list when StateDirectory= names several.
+    return (env.get("STATE_DIRECTORY") or "").split(":")[0].strip()
+
+
+def _state_dir(r: _Reader, section: str, key: str) -> Path | None:
+    from_env = _state_from_env(r.env)
+    if from_env:
+        return Path(from_env).absolute()
+    configured = r.string(section, key, "")
+    if not configured:
+        return None  # the SQLite file's directory, if any: see _state
+    path = Path(configured).expanduser()
+    if not path.is_absolute() and r.source is not None:
+        path = r.source.parent / path
+    return path.absolute()
+
+
 def _q(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -222,7 +240,8 @@ _KEYS: tuple[_Key, ...] = (
     _Key("state", "dir",
          lambda c: f"{_q(str(c.state.dir or ''))}  # "
                    + (f"from {c.state.origin}" if c.state.dir
-                      else "not set: `tokend run` needs it with PostgreSQL")),
+                      else "not set: `tokend run` needs it with PostgreSQL"),
+         _state_dir),
     _Key("notify", "webhook_url", lambda c: _q(mask_webhook(c.notify.webhook_url)),
          lambda r, s, k: r.url(s, k, NotifyConfig.webhook_url, allow_empty=True)),
     _Key("notify", "webhook_secret", lambda c: _mask(c.notify.webhook_secret),
@@ -342,20 +361,14 @@ def read_api_keys(path: Path, clients: Mapping[str, ClientConfig]) -> tuple[ApiK
 
 
 def _state(r: _Reader, database: DatabaseConfig, env: Mapping[str, str]) -> StateConfig:
-    # systemd passes a colon-separated list when StateDirectory= names several.
-    from_env = (env.get("STATE_DIRECTORY") or "").split(":")[0].strip()
-    if from_env:
-        return StateConfig(dir=Path(from_env).absolute(), origin="$STATE_DIRECTORY")
-    configured = r.string("state", "dir", "")
-    if configured:
-        path = Path(configured).expanduser()
-        if not path.is_absolute() and r.source is not None:
-            path = r.source.parent / path
-        return StateConfig(dir=path.absolute(), origin="[state] dir")
+    state = StateConfig(**_section(r, "state"))
+    if state.dir is not None:
+        origin = "$STATE_DIRECTORY" if _state_from_env(env) else "[state] dir"
+        return replace(state, origin=origin)
     db_path = database.sqlite_path
     if db_path is not None:
         return StateConfig(dir=db_path.absolute().parent, origin="the SQLite file's directory")
-    return StateConfig()
+    return state
 
 
 def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
