@@ -1,4 +1,5 @@
-"""Typed access to the raw TOML tables: every failure names ``section.key``."""
+"""Typed access to the raw TOML tables, and the readers of single keys that
+:data:`tokend.config_keys._KEYS` names: every failure names ``section.key``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config_types import (
+    DEFAULT_REMINDERS,
+    LINK_KEY_MIN,
+    LoggingConfig,
+    ScheduleConfig,
     Secret,
     _hide_user,
+    split_host_port,
 )
 from .durations import Duration, format_timedelta, parse_timedelta
 from .errors import ConfigError
@@ -210,3 +216,130 @@ def _database_url(url: str) -> str:
         "database.url: must start with sqlite:/// or postgresql+psycopg://, "
         f"not {url.split(':', maxsplit=1)[0]!r}"
     )
+
+
+# ------------------------------------------------------- the readers of single keys
+
+Read = Callable[["_Reader", str, str], Any]
+_LEVELS = {"debug", "info", "warning", "error", "critical"}
+
+
+def _default(cls: type, key: str) -> Any:
+    return getattr(cls, key)  # a dataclass keeps each field's default on the class
+
+
+def _url(cls: type) -> Read:
+    return lambda r, s, k: r.url(s, k, _default(cls, k))
+
+
+def _timedelta(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.timedelta(s, k, _default(cls, k), **bounds)
+
+
+def _duration(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.duration(s, k, _default(cls, k), **bounds)
+
+
+def _number(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: r.number(s, k, _default(cls, k), **bounds)
+
+
+def _integer(cls: type, **bounds: Any) -> Read:
+    return lambda r, s, k: int(r.number(s, k, _default(cls, k), integer=True, **bounds))
+
+
+def _max_grant_age(r: _Reader, section: str, key: str) -> Duration | None:
+    text = r.string(section, key, "")
+    if not text:
+        return None
+    max_age: Duration = r.parse(section, key, Duration.parse, text)
+    if max_age.is_zero:
+        raise ConfigError("schedule.max_grant_age: must be longer than zero "
+                          "(leave it empty for no limit)")
+    return max_age
+
+
+def _refresh_margin_min(r: _Reader, section: str, key: str) -> timedelta:
+    # Unset: 10 minutes, or refresh_before when that is shorter (never an error).
+    before = r.timedelta(section, "refresh_before", ScheduleConfig.refresh_before,
+                         positive=True)
+    return r.timedelta(section, key, min(ScheduleConfig.refresh_margin_min, before),
+                       positive=True)
+
+
+def _listen(cls: type) -> Read:
+    def read(r: _Reader, section: str, key: str) -> str:
+        listen: str = r.string(section, key, _default(cls, key))
+        if listen:
+            r.parse(section, key, split_host_port, listen)
+        return listen
+    return read
+
+
+def _log_format(r: _Reader, section: str, key: str) -> str:
+    fmt = r.string(section, key, LoggingConfig.format)
+    if fmt not in ("json", "console", "auto"):
+        raise ConfigError(f"logging.format: must be json, console or auto, not {fmt!r}")
+    return fmt
+
+
+def _log_level(r: _Reader, section: str, key: str) -> str:
+    level = r.string(section, key, LoggingConfig.level).lower()
+    if level not in _LEVELS:
+        raise ConfigError(f"logging.level: must be one of {', '.join(sorted(_LEVELS))}, "
+                          f"not {level!r}")
+    return level
+
+
+def _public_url(r: _Reader, section: str, key: str) -> str:
+    public_url: str = r.url(section, key, "", allow_empty=True).rstrip("/")
+    parts = urlsplit(public_url)
+    if parts.query or parts.fragment:
+        raise ConfigError("consent.public_url: must not have a query or fragment")
+    return public_url
+
+
+def _link_key(r: _Reader, section: str, key: str) -> Secret | None:
+    secret = r.secret(section, key)
+    if secret is not None and len(secret.value) < LINK_KEY_MIN:
+        raise ConfigError(f"consent.link_key: too short (at least {LINK_KEY_MIN} characters, "
+                          "e.g. from `openssl rand -base64 32`)")
+    return secret
+
+
+def _reminders(r: _Reader, section: str, key: str) -> tuple[Duration, ...]:
+    raw = r.raw.get(section, {}).get(key)
+    if raw is None:
+        return DEFAULT_REMINDERS
+    items: list[Any]
+    if isinstance(raw, _EnvValue):
+        items = [x for x in (part.strip() for part in raw.split(",")) if x]
+    elif isinstance(raw, list):
+        items = raw
+    else:
+        raise ConfigError('consent.reminders: must be a list of durations like ["3d", "1d"]')
+    parsed: set[Duration] = set()
+    for item in items:
+        d: Duration = r.parse(section, key, Duration.parse, item)
+        if d.is_zero:
+            raise ConfigError("consent.reminders: each must be longer than zero")
+        parsed.add(d)
+    return tuple(sorted(parsed, key=lambda d: (d.months, d.delta), reverse=True))
+
+
+def _state_from_env(env: Mapping[str, str]) -> str:
+    # systemd passes a colon-separated list when StateDirectory= names several.
+    return (env.get("STATE_DIRECTORY") or "").split(":")[0].strip()
+
+
+def _state_dir(r: _Reader, section: str, key: str) -> Path | None:
+    from_env = _state_from_env(r.env)
+    if from_env:
+        return Path(from_env).absolute()
+    configured = r.string(section, key, "")
+    if not configured:
+        return None  # the SQLite file's directory, if any: see _state
+    path = Path(configured).expanduser()
+    if not path.is_absolute() and r.source is not None:
+        path = r.source.parent / path
+    return path.absolute()
