@@ -20,6 +20,7 @@ from .config_keys import (
     _api,
     _clients,
     _consent,
+    _encryption,
     _section,
     _state,
     read_api_keys,
@@ -27,7 +28,6 @@ from .config_keys import (
 )
 from .config_read import (
     _check_names,
-    _database_url,
     _EnvValue,
     _Reader,
     read_keys,
@@ -160,8 +160,7 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
             raise ConfigError(f"unknown section [{section}]")
     r = _Reader(raw, source, env, _SECTIONS)
 
-    db_url = r.string("database", "url", DatabaseConfig.url)
-    database = DatabaseConfig(url=_database_url(db_url))
+    database = DatabaseConfig(**_section(r, "database"))
 
     provider = ProviderConfig(**_section(r, "provider"))
     schedule = ScheduleConfig(**_section(r, "schedule"))
@@ -184,22 +183,7 @@ def _build(raw: dict[str, Any], source: Path | None, env: Mapping[str, str]) -> 
     metrics = MetricsConfig(**_section(r, "metrics"))
     logging_cfg = LoggingConfig(**_section(r, "logging"))
 
-    key_name = r.string("encryption", "key_file", "tokend-key")
-    encryption = EncryptionConfig()
-    if key_name:
-        key_path = r.locate(key_name)
-        keys: tuple[Secret, ...] = ()
-        try:
-            exists = key_path.exists()
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"encryption.key_file: {key_name!r} is not a usable path: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
-        if exists:
-            keys = read_keys(key_path)
-        creds = env.get("CREDENTIALS_DIRECTORY")
-        encryption = EncryptionConfig(
-            key_file=key_path, keys=keys,
-            from_credentials=bool(creds) and key_path.parent == Path(str(creds)))
+    encryption = _encryption(r)
 
     notify = NotifyConfig(**_section(r, "notify"))
 

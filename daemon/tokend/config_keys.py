@@ -12,9 +12,11 @@ from typing import Any
 
 from .config_read import (
     Read,
+    _database_url,
     _duration,
     _EnvValue,
     _integer,
+    _key_file,
     _link_key,
     _listen,
     _log_format,
@@ -29,6 +31,7 @@ from .config_read import (
     _state_from_env,
     _timedelta,
     _url,
+    read_keys,
 )
 from .config_types import (
     MAX_TIMEOUT,
@@ -39,6 +42,7 @@ from .config_types import (
     Config,
     ConsentConfig,
     DatabaseConfig,
+    EncryptionConfig,
     MetricsConfig,
     NotifyConfig,
     ProviderConfig,
@@ -61,7 +65,7 @@ class _Key:
     section: str
     key: str
     show: Callable[[Config], str]
-    # None: read by its section's function (database, encryption, api), whose
+    # None: read by its section's function (api), whose
     # keys depend on each other, on other sections or on files.
     read: Read | None = None
     aliases: tuple[str, ...] = ()
@@ -84,7 +88,8 @@ def _mask(secret: object) -> str:
 # alone, its reader (default from the dataclass, bounds). Cross-key checks run after
 # the section is read (in _build or the section's function, e.g. _consent).
 _KEYS: tuple[_Key, ...] = (
-    _Key("database", "url", lambda c: _q(mask_url(c.database.url))),
+    _Key("database", "url", lambda c: _q(mask_url(c.database.url)),
+         lambda r, s, k: _database_url(r.string(s, k, DatabaseConfig.url))),
     _Key("provider", "authorize_url", lambda c: _q(_hide_user(c.provider.authorize_url)),
          _url(ProviderConfig)),
     _Key("provider", "token_url", lambda c: _q(_hide_user(c.provider.token_url)),
@@ -125,7 +130,7 @@ _KEYS: tuple[_Key, ...] = (
     _Key("logging", "level", lambda c: _q(c.logging.level), _log_level),
     _Key("encryption", "key_file",
          lambda c: f"{_q(str(c.encryption.key_file or ''))}"
-                   f"  # {len(c.encryption.keys)} key(s) loaded"),
+                   f"  # {len(c.encryption.keys)} key(s) loaded", _key_file),
     _Key("state", "dir",
          lambda c: f"{_q(str(c.state.dir or ''))}  # "
                    + (f"from {c.state.origin}" if c.state.dir
@@ -166,6 +171,18 @@ _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
     "client_credentials",
 }
+
+
+def _encryption(r: _Reader) -> EncryptionConfig:
+    """The keys in the file the table located (none yet if it is absent)."""
+    encryption = EncryptionConfig(**_section(r, "encryption"))
+    path = encryption.key_file
+    if path is None:
+        return encryption
+    keys = read_keys(path) if path.exists() else ()
+    creds = r.env.get("CREDENTIALS_DIRECTORY")
+    return replace(encryption, keys=keys,
+                   from_credentials=bool(creds) and path.parent == Path(str(creds)))
 
 
 def _consent(r: _Reader) -> ConsentConfig:

@@ -343,3 +343,16 @@ def _state_dir(r: _Reader, section: str, key: str) -> Path | None:
     if not path.is_absolute() and r.source is not None:
         path = r.source.parent / path
     return path.absolute()
+
+
+def _key_file(r: _Reader, section: str, key: str) -> Path | None:
+    name = r.string(section, key, "tokend-key")
+    if not name:
+        return None
+    path = r.locate(name)
+    try:
+        path.exists()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"encryption.key_file: {name!r} is not a usable path: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    return path
