@@ -3,7 +3,6 @@ functions, and :func:`render` for ``check-config``."""
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -12,10 +11,12 @@ from typing import Any
 
 from .config_read import (
     Read,
+    _api_clients,
+    _api_listen,
     _database_url,
     _duration,
-    _EnvValue,
     _integer,
+    _is_socket,
     _key_file,
     _link_key,
     _listen,
@@ -52,7 +53,6 @@ from .config_types import (
     _hide_user,
     mask_url,
     mask_webhook,
-    split_host_port,
 )
 from .durations import format_timedelta
 from .errors import ConfigError
@@ -65,9 +65,7 @@ class _Key:
     section: str
     key: str
     show: Callable[[Config], str]
-    # None: read by its section's function (api), whose
-    # keys depend on each other, on other sections or on files.
-    read: Read | None = None
+    read: Read  # the key alone; checks across keys or sections follow the section
     aliases: tuple[str, ...] = ()
 
 
@@ -152,11 +150,14 @@ _KEYS: tuple[_Key, ...] = (
          _reminders),
     _Key("api", "listen",
          lambda c: _q(c.api.listen)
-         + (f"  # socket {c.api.socket_path}" if c.api.socket_path else "")),
+         + (f"  # socket {c.api.socket_path}" if c.api.socket_path else ""), _api_listen),
     _Key("api", "key_file",
-         lambda c: f"{_mask(c.api.keys)}  # {len(c.api.keys)} key(s) loaded"),
-    _Key("api", "clients", lambda c: "[" + ", ".join(_q(n) for n in c.api.clients) + "]"),
-    _Key("api", "wait", lambda c: _q(str(int(c.api.wait.total_seconds())) + "s")),
+         lambda c: f"{_mask(c.api.keys)}  # {len(c.api.keys)} key(s) loaded",
+         lambda r, s, k: r.string(s, k, "")),
+    _Key("api", "clients", lambda c: "[" + ", ".join(_q(n) for n in c.api.clients) + "]",
+         _api_clients),
+    _Key("api", "wait", lambda c: _q(str(int(c.api.wait.total_seconds())) + "s"),
+         _timedelta(ApiConfig, positive=True, maximum=timedelta(minutes=5))),
 )
 _SECTIONS: dict[str, set[str]] = {}
 for _k in _KEYS:
@@ -165,8 +166,9 @@ for _k in _KEYS:
 
 def _section(r: _Reader, section: str) -> dict[str, Any]:
     """The keys of a section that the table reads, by name (= the dataclass's fields)."""
-    return {k.key: k.read(r, k.section, k.key) for k in _KEYS
-            if k.section == section and k.read is not None}
+    return {k.key: k.read(r, k.section, k.key) for k in _KEYS if k.section == section}
+
+
 _CLIENT_KEYS = {
     "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
     "client_credentials",
@@ -196,25 +198,15 @@ def _consent(r: _Reader) -> ConsentConfig:
     return consent
 
 
-_LOOPBACK = ("localhost",)
-
-
 def _api(r: _Reader, clients: Mapping[str, ClientConfig]) -> ApiConfig:
-    listen = r.string("api", "listen", "")
-    raw = r.raw.get("api", {}).get("clients", [])
-    if isinstance(raw, _EnvValue):
-        raw = [x.strip() for x in raw.split(",") if x.strip()]
-    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-        raise ConfigError('api.clients: must be a list of client names like ["main"]')
-    for name in raw:
+    api = _section(r, "api")
+    for name in api["clients"]:
         if name not in clients:
             raise ConfigError(f"api.clients: unknown client {name!r}")
-    wait = r.timedelta("api", "wait", ApiConfig.wait, positive=True,
-                       maximum=timedelta(minutes=5))
-    key_name = r.string("api", "key_file", "")
-    keys = read_api_keys(r.locate(key_name), clients) if key_name else ()
+    keys = read_api_keys(r.locate(api["key_file"]), clients) if api["key_file"] else ()
+    listen: str = api["listen"]
     socket_path: Path | None = None
-    if listen and ("/" in listen or ":" not in listen):
+    if _is_socket(listen):
         path = Path(listen).expanduser()
         if not path.is_absolute():
             runtime = (r.env.get("RUNTIME_DIRECTORY") or "").split(":")[0].strip()
@@ -222,20 +214,11 @@ def _api(r: _Reader, clients: Mapping[str, ClientConfig]) -> ApiConfig:
                 r.source.parent if r.source is not None else Path.cwd())
             path = base / path
         socket_path = path.absolute()
-    elif listen:
-        host, _port = r.parse("api", "listen", split_host_port, listen)
-        try:
-            loopback = host in _LOOPBACK or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback:
-            raise ConfigError(f"api.listen: {host} is not a loopback address (tokens are "
-                              "served to this host only; use 127.0.0.1:PORT or a socket path)")
-        if not keys:
-            raise ConfigError("api.key_file: is required when api.listen is HOST:PORT "
-                              "(one bearer key per line; never created by tokend)")
+    elif listen and not keys:
+        raise ConfigError("api.key_file: is required when api.listen is HOST:PORT "
+                          "(one bearer key per line; never created by tokend)")
     return ApiConfig(listen=listen, socket_path=socket_path, keys=keys,
-                     clients=tuple(raw), wait=wait)
+                     clients=api["clients"], wait=api["wait"])
 
 
 def read_api_keys(path: Path, clients: Mapping[str, ClientConfig]) -> tuple[ApiKey, ...]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -356,3 +357,33 @@ def _key_file(r: _Reader, section: str, key: str) -> Path | None:
         raise ConfigError(f"encryption.key_file: {name!r} is not a usable path: "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
     return path
+
+
+_LOOPBACK = ("localhost",)
+
+
+def _is_socket(listen: str) -> bool:
+    return bool(listen) and ("/" in listen or ":" not in listen)
+
+
+def _api_listen(r: _Reader, section: str, key: str) -> str:
+    listen: str = r.string(section, key, "")
+    if listen and not _is_socket(listen):
+        host, _port = r.parse(section, key, split_host_port, listen)
+        try:
+            loopback = host in _LOOPBACK or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"api.listen: {host} is not a loopback address (tokens are "
+                              "served to this host only; use 127.0.0.1:PORT or a socket path)")
+    return listen
+
+
+def _api_clients(r: _Reader, section: str, key: str) -> tuple[str, ...]:
+    raw = r.raw.get(section, {}).get(key, [])
+    if isinstance(raw, _EnvValue):
+        raw = [x.strip() for x in raw.split(",") if x.strip()]
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise ConfigError('api.clients: must be a list of client names like ["main"]')
+    return tuple(raw)
