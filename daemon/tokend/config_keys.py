@@ -169,10 +169,54 @@ def _section(r: _Reader, section: str) -> dict[str, Any]:
     return {k.key: k.read(r, k.section, k.key) for k in _KEYS if k.section == section}
 
 
-_CLIENT_KEYS = {
-    "client_id", "client_secret", "client_secret_file", "auth_method", "redirect_uri",
-    "client_credentials",
-}
+ClientRead = Callable[[_Reader, str, str, dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class _ClientKey:
+    """A key of every [clients.NAME] table (read from that table, shown per client)."""
+
+    key: str
+    show: Callable[[ClientConfig], str]
+    read: ClientRead
+    aliases: tuple[str, ...] = ()
+
+
+def _client_id(r: _Reader, section: str, key: str, table: dict[str, Any]) -> str:
+    client_id: str = r.string(section, key, "", table=table)
+    if not client_id:
+        raise ConfigError(f"{section}.client_id: is required")
+    return client_id
+
+
+def _client_secret(r: _Reader, section: str, key: str, table: dict[str, Any]) -> Secret:
+    secret = r.secret(section, key, table=table)
+    if secret is None:
+        raise ConfigError(f"{section}.client_secret: is required (or client_secret_file)")
+    return secret
+
+
+def _auth_method(r: _Reader, section: str, key: str, table: dict[str, Any]) -> str:
+    method: str = r.string(section, key, "client_secret_post", table=table)
+    if method not in ("client_secret_post", "client_secret_basic"):
+        raise ConfigError(
+            f"{section}.auth_method: must be client_secret_post or client_secret_basic, "
+            f"not {method!r}"
+        )
+    return method
+
+
+_CLIENT_TABLE: tuple[_ClientKey, ...] = (
+    _ClientKey("client_id", lambda c: _q(c.client_id), _client_id),
+    _ClientKey("client_secret", lambda c: '"********"', _client_secret,
+               aliases=("client_secret_file",)),
+    _ClientKey("auth_method", lambda c: _q(c.auth_method), _auth_method),
+    _ClientKey("redirect_uri", lambda c: _q(_hide_user(c.redirect_uri or "")),
+               lambda r, s, k, t: r.url(s, k, "", allow_empty=True, table=t) or None),
+    _ClientKey("client_credentials", lambda c: _q(c.client_credentials),
+               lambda r, s, k, t: r.boolean(s, k, False, table=t)),
+)
+_CLIENT_KEYS = {name for k in _CLIENT_TABLE for name in (k.key, *k.aliases)}
 
 
 def _encryption(r: _Reader) -> EncryptionConfig:
@@ -272,28 +316,8 @@ def _clients(r: _Reader, raw: Any) -> dict[str, ClientConfig]:
         for key in table:
             if key not in _CLIENT_KEYS:
                 raise ConfigError(f"{where}.{key}: unknown key")
-        section = f"clients.{name}"
-        client_id = r.string(section, "client_id", "", table=table)
-        if not client_id:
-            raise ConfigError(f"{where}.client_id: is required")
-        secret = r.secret(section, "client_secret", table=table)
-        if secret is None:
-            raise ConfigError(f"{where}.client_secret: is required (or client_secret_file)")
-        method = r.string(section, "auth_method", "client_secret_post", table=table)
-        if method not in ("client_secret_post", "client_secret_basic"):
-            raise ConfigError(
-                f"{where}.auth_method: must be client_secret_post or client_secret_basic, "
-                f"not {method!r}"
-            )
-        redirect = r.url(section, "redirect_uri", "", allow_empty=True, table=table)
         out[name] = ClientConfig(
-            name=name,
-            client_id=client_id,
-            client_secret=secret,
-            auth_method=method,  # type: ignore[arg-type]
-            redirect_uri=redirect or None,
-            client_credentials=r.boolean(section, "client_credentials", False, table=table),
-        )
+            name=name, **{k.key: k.read(r, where, k.key, table) for k in _CLIENT_TABLE})
     seen: dict[str, str] = {}
     for name, c in out.items():
         if c.client_id in seen:
@@ -323,12 +347,6 @@ def render(config: Config) -> str:
 def _render_clients(config: Config) -> list[str]:
     lines: list[str] = []
     for c in config.clients.values():
-        lines += [
-            f"[clients.{c.name}]",
-            f"client_id = {_q(c.client_id)}",
-            'client_secret = "********"',
-            f"auth_method = {_q(c.auth_method)}",
-            f"redirect_uri = {_q(_hide_user(c.redirect_uri or ''))}",
-            f"client_credentials = {_q(c.client_credentials)}", "",
-        ]
+        lines += [f"[clients.{c.name}]",
+                  *(f"{k.key} = {k.show(c)}" for k in _CLIENT_TABLE), ""]
     return lines
