@@ -2,6 +2,10 @@
 
 ``load_config`` is the only way in. It returns one frozen :class:`Config` that is passed
 down; every problem is a :class:`~tokend.errors.ConfigError` whose message names the key.
+
+Its parts: :mod:`tokend.config_types` (the frozen data), :mod:`tokend.config_read` (typed
+access to the raw tables, the readers of single keys), :mod:`tokend.config_keys` (each key
+declared once, the checks across keys, ``render``). Every public name is importable here.
 """
 
 from __future__ import annotations
