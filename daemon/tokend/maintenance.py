@@ -296,7 +296,7 @@ class Maintenance:
         tokens_error: str | None = None
         if client is not None:
             try:
-                _access, refresh = self.store.tokens(grant)
+                refresh = self.store.refresh_token(grant)
             except DecryptError as exc:
                 tokens_error = str(exc)
         blocked = None

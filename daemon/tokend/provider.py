@@ -56,6 +56,7 @@ _TRANSPORT_ERRORS: Final = (
     OSError,
 )
 _CHUNK = 16 * 1024
+_FORM: Final = "application/x-www-form-urlencoded"
 
 
 class _NoAuth(requests.auth.AuthBase):
@@ -138,6 +139,7 @@ class ProviderClient:
         session.auth = _NoAuth()
         session.trust_env = False
         self._session = session
+        self._templates: dict[tuple[str, str, bool], requests.PreparedRequest] = {}
 
     # ----------------------------------------------------------------- token endpoint
 
@@ -183,7 +185,8 @@ class ProviderClient:
             form["client_secret"] = secret
         secrets = (secret, *redact)
         status, response_headers, body, truncated, sent_at = self._send(
-            "POST", self.provider.token_url, grant=grant, data=form, headers=headers
+            "POST", self.provider.token_url, grant=grant,
+            body=urlencode(form).encode("ascii"), headers=headers,
         )
         return parse_token_response(
             status, response_headers, body, grant=grant, sent_at=sent_at,
@@ -243,17 +246,17 @@ class ProviderClient:
         url: str,
         *,
         grant: GrantKind | None,
-        data: Mapping[str, str] | None = None,
+        body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Mapping[str, str], bytes, bool, datetime]:
         """Send once; ``(status, headers, body, truncated, sent_at)`` or ProviderError."""
         failure: ProviderError
         sent_at = self._clock()
         try:
-            with self._session.request(
-                method, url, data=data, headers=headers, timeout=self._timeout,
-                verify=self._verify, allow_redirects=False, stream=True,
-                proxies=self._proxies_for(url),
+            request = self._prepare(method, url, body, headers)
+            with self._session.send(
+                request, timeout=self._timeout, verify=self._verify,
+                allow_redirects=False, stream=True, proxies=self._proxies_for(url),
             ) as response:
                 body, truncated = self._read(response)
                 return response.status_code, response.headers, body, truncated, sent_at
@@ -262,6 +265,29 @@ class ProviderClient:
         # Raised outside the except block so that the transport exception is not
         # attached as __context__ (see the module docstring).
         raise failure
+
+    def _prepare(self, method: str, url: str, body: bytes | None,
+                 headers: Mapping[str, str] | None) -> requests.PreparedRequest:
+        """The request to send: a copy of one prepared by the session for this method
+        and URL, with this request's headers and (already form-encoded) body.
+
+        ``Session.request`` re-parses the URL and merges the session's headers, cookies,
+        hooks and settings on every call: about a third of requests' CPU per refresh
+        (docs/benchmarks.md). None of them changes during a daemon's life, so that work
+        is done once per endpoint, by requests itself.
+        """
+        key = (method, url, body is not None)
+        template = self._templates.get(key)
+        if template is None:  # a race only prepares the same template twice
+            template = self._session.prepare_request(requests.Request(
+                method, url, headers={"Content-Type": _FORM} if body is not None else {}))
+            self._templates[key] = template
+        request = template.copy()
+        if headers:
+            request.headers.update(headers)
+        if body is not None:
+            request.prepare_body(body, None)
+        return request
 
     def _proxies_for(self, url: str) -> dict[str, str]:
         """The environment's proxies for ``url`` (honouring no_proxy), looked up once."""

@@ -146,6 +146,17 @@ class Reads(Database):
             self.cipher.decrypt(refresh, grant_id=grant.id) if refresh else None,
         )
 
+    def refresh_token(self, grant: Grant) -> str | None:
+        """The refresh token in clear, all a refresh needs: one decryption, not two (the
+        access token it replaces is never read). A grant without one (client credentials)
+        has its access token decrypted instead: a wrong key stops its attempt too, before
+        a new token is stored under that key."""
+        if grant.refresh_token_enc:
+            return self.cipher.decrypt(grant.refresh_token_enc, grant_id=grant.id)
+        if grant.access_token_enc:
+            self.cipher.decrypt(grant.access_token_enc, grant_id=grant.id)
+        return None
+
     def find(self, client: str, user_id: str | None, grant_type: GrantType,
              ) -> Grant | UnreadableGrant | None:
         """The newest grant of that type of ``user_id`` (None: the grant without a user)
