@@ -10,7 +10,9 @@ nowhere else.
 from __future__ import annotations
 
 import os
+import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, datetime
@@ -30,7 +32,12 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import ExceptionContext
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DisconnectionError,
+    IntegrityError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.pool import NullPool, QueuePool
 
 from .errors import SchemaError, StoreConflict, StoreError
@@ -40,6 +47,9 @@ Clock = Callable[[], datetime]
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+PING_AFTER_IDLE = 5.0  # seconds a pooled PostgreSQL connection may idle unpinged
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -74,12 +84,37 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
             mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
-            conn.exec_driver_sql(f"BEGIN {mode}")
+            # Straight to the driver: through exec_driver_sql this one statement cost
+            # as much CPU as the save it opens. Its error is wrapped here as
+            # SQLAlchemy's own would be, so ``tx`` still turns it into a StoreError.
+            try:
+                conn.connection.dbapi_connection.execute(f"BEGIN {mode}")  # type: ignore[union-attr]
+            except sqlite3.Error as exc:
+                raise OperationalError(f"BEGIN {mode}", None, exc) from exc
 
         return engine
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                           pool_pre_ping=True, pool_recycle=1800,
-                           connect_args={"connect_timeout": 10})
+                           pool_recycle=1800, connect_args={"connect_timeout": 10})
+
+    # A pooled connection is pinged before use only if it sat idle PING_AFTER_IDLE:
+    # SQLAlchemy's pool_pre_ping pings on every checkout, a round trip that cost as
+    # much CPU as the save it preceded (docs/benchmarks.md). A connection used a moment
+    # ago that fails anyway (the server restarted in between) fails its statement: a
+    # StoreError every caller retries, and SQLAlchemy drops the whole pool with it.
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_conn: Any, record: Any) -> None:
+        if record is not None:
+            record.info["tokend_idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("tokend_idle_since")
+        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+            return  # new, or used a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as exc:  # any failure: the pool connects anew (up to 3 times)
+            raise DisconnectionError(f"stale pooled connection: {exc}") from exc
 
     @event.listens_for(engine, "handle_error")
     def _on_error(ctx: ExceptionContext) -> None:
