@@ -590,3 +590,38 @@ def test_run_once_saves_the_spool_before_it_claims(env: Env) -> None:
     assert spool_files(env) == [] and all_current(env)
     assert env.fake.stats()["token_requests"] == requests  # nothing refreshed twice
     assert env.fake.reuse_count() == 0
+
+
+def _kill_backends(url: str, engine: Any) -> None:
+    """End every server process of ``engine``'s pool, as a server restart would."""
+    with engine.connect() as conn:
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    admin = make_engine(url, pool_size=1)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+            conn.commit()
+    finally:
+        admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("idle", "fails_once"), [(0.0, False), (3600.0, True)])
+def test_a_pooled_connection_is_pinged_after_idling(pg_url: str, idle: float,
+                                                     fails_once: bool) -> None:
+    """Idle past ``ping_after_idle``: the dead connection is noticed before use and
+    replaced. Used a moment ago: its statement fails once (a StoreError, which every
+    caller retries) and the pool connects anew for the next."""
+    from tokend.db import Database
+
+    engine = make_engine(pg_url, pool_size=1, ping_after_idle=idle)
+    db = Database(engine)
+    try:
+        _kill_backends(pg_url, engine)
+        if fails_once:
+            with pytest.raises(StoreError), db.tx() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        with db.tx() as conn:
+            assert conn.exec_driver_sql("SELECT 1").scalar() == 1
+    finally:
+        engine.dispose()

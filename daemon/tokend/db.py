@@ -52,7 +52,8 @@ def utcnow() -> datetime:
 PING_AFTER_IDLE = 5.0  # seconds a pooled PostgreSQL connection may idle unpinged
 
 
-def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+def make_engine(url: str, *, pool_size: int = 10,
+                ping_after_idle: float = PING_AFTER_IDLE) -> Engine:
     """An engine configured for tokend's access pattern on either backend."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[1] if "///" in url else ""
@@ -96,7 +97,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
                            pool_recycle=1800, connect_args={"connect_timeout": 10})
 
-    # A pooled connection is pinged before use only if it sat idle PING_AFTER_IDLE:
+    # A pooled connection is pinged before use only if it sat idle ``ping_after_idle``:
     # SQLAlchemy's pool_pre_ping pings on every checkout, a round trip that cost as
     # much CPU as the save it preceded (docs/benchmarks.md). A connection used a moment
     # ago that fails anyway (the server restarted in between) fails its statement: a
@@ -109,7 +110,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
     @event.listens_for(engine, "checkout")
     def _on_checkout(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
         since = record.info.get("tokend_idle_since")
-        if since is None or time.monotonic() - since < PING_AFTER_IDLE:
+        if since is None or time.monotonic() - since < ping_after_idle:
             return  # new, or used a moment ago
         try:
             engine.dialect.do_ping(dbapi_conn)
