@@ -30,6 +30,7 @@ from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
 from tokend.model import Status
 from tokend.provider import ProviderClient
+from tokend.sharedlimit import SharedRateLimiter
 from tokend.store import Store
 from tokend.testing import write_config
 
@@ -261,6 +262,33 @@ def test_expired_code_fails_cleanly(make_config: Callable[..., Config],
         code, _out, err = run_authorize(config, store, browser())
     assert code == 1 and "code exchange failed" in err and "Authorization code has expired" in err
     assert list(store.iter_grants()) == []
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_authorize_takes_slots_of_the_shared_rate_limit(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo) -> None:
+    """On PostgreSQL the code exchange and the user look-up each wait for a slot of the
+    budget all replicas share (table rate_slots), behind the slots others have taken."""
+    config = make_config(fake=fake, rate_limit=2)
+    store = store_for(config)
+    interval = SharedRateLimiter(store, 2).interval  # 0.55 s
+    with store.tx() as conn:  # other replicas have taken the slots of the next 1.5 s
+        taken = conn.execute(text(
+            "INSERT INTO rate_slots (name, next_at) "
+            "VALUES ('token_endpoint', now() + interval '1.5 seconds') "
+            "ON CONFLICT (name) DO UPDATE SET next_at = EXCLUDED.next_at "
+            "RETURNING next_at")).scalar_one()
+    started = time.monotonic()
+    code, _out, err = run_authorize(config, store, browser())
+    assert code == 0, err
+    [exchanged] = fake.stats()["request_times"]  # the one token request: the exchange
+    assert exchanged - started >= 1.5 - 0.05
+    with store.tx() as conn:
+        next_at = conn.execute(text(
+            "SELECT next_at FROM rate_slots WHERE name = 'token_endpoint'")).scalar_one()
+    # two slots after the others': the exchange's and the user look-up's
+    assert (next_at - taken).total_seconds() >= 2 * interval - 0.001
 
 
 def test_cli_authorize_prints_the_url_on_its_own_line(tmp_path: Path, db_url: str,

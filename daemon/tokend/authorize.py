@@ -5,6 +5,10 @@ receives the redirect on a local listener, checks ``state``, exchanges the code 
 with the PKCE verifier (league codes live one minute), looks up the user and tenant,
 and stores the grant, replacing that user's grant of the client. Progress and errors
 go to stderr; nothing is stored on failure.
+
+The exchange and the look-up are requests to the provider: each takes a slot of
+``provider.rate_limit`` (:func:`tokend.sharedlimit.limiter_for`; on PostgreSQL the budget
+all replicas share), as the consent endpoint's do.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from typing import Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 from . import events, logs, pkce, policy
-from .config import Config, split_host_port
+from .config import ClientConfig, Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
 from .listener import BoundedHTTPServer, Served
 from .model import Grant, GrantType, NewGrant, Status
 from .provider import ProviderClient
+from .sharedlimit import limiter_for
 from .store import Store, open_store
 
 log = logs.get("tokend.authorize")
@@ -116,7 +121,24 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
             raise UsageError(f"--listen: {exc}") from None
     else:
         address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    callback = _Callback(parts.path or "/")
+    # Opened before the person consents: a database that cannot take the grant fails
+    # now, not after the code is spent; and on PostgreSQL it holds the shared rate limit.
+    own_store = store is None
+    store = store or open_store(config)
+    try:
+        return _flow(config, c, redirect, address, parts.path or "/", store=store,
+                     provider=provider, open_browser=open_browser, timeout=timeout,
+                     out=out, err=err, on_url=on_url)
+    finally:
+        if own_store:
+            store.close()
+
+
+def _flow(config: Config, c: ClientConfig, redirect: str, address: tuple[str, int],
+          path: str, *, store: Store, provider: ProviderClient | None, open_browser: bool,
+          timeout: float, out: TextIO, err: TextIO,
+          on_url: Callable[[str], None] | None) -> int:
+    callback = _Callback(path)
     try:
         server = _listener(address, callback)
     except OSError as exc:
@@ -125,6 +147,10 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
         ) from None
     own_provider = provider is None
     provider = provider or ProviderClient(config.provider)
+    if provider.limiter is None:
+        # The exchange and the user look-up are requests to the provider like any
+        # refresh: on PostgreSQL they take slots of the budget all replicas share.
+        provider.limiter = limiter_for(store, config.provider.rate_limit)
     served = Served(server, "tokend-authorize", poll_interval=0.1).start()
     try:
         state = secrets.token_urlsafe(24)
@@ -167,19 +193,13 @@ def authorize(config: Config, *, client: str, listen: str | None = None,
             if resp.refresh_token else None,
             user_id=user_id, tenant_id=tenant_id, consented_at=resp.sent_at,
         )
-        own_store = store is None
-        store = store or open_store(config)
-        try:
-            now = store.clock()
+        now = store.clock()
 
-            def event(grant: Grant, previous: Status | None) -> dict[str, Any] | None:
-                return events.on_consent(grant, previous, now)
+        def event(grant: Grant, previous: Status | None) -> dict[str, Any] | None:
+            return events.on_consent(grant, previous, now)
 
-            gid, previous = store.consent(
-                new, lambda g: policy.initial(g, now, config.schedule), event)
-        finally:
-            if own_store:
-                store.close()
+        gid, previous = store.consent(
+            new, lambda g: policy.initial(g, now, config.schedule), event)
         what = "replaced" if previous else "stored"
         print(f"{what} grant {gid} for user {user_id} (tenant {tenant_id or '-'}) of client "
               f"{c.name}" + (f"; it was {previous.value}" if previous else ""), file=err)

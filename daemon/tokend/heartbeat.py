@@ -2,6 +2,9 @@
 
 Written after every pass and when the process stops, so the database alone tells an
 operator what every replica last did: no need to reach each host's metrics endpoint.
+The last pass's report carries the capacity of the replica's last plan (the figures of
+the gauges ``tokend_refresh_rate_needed`` / ``tokend_refresh_rate_limit``), so ``tokend
+status`` can say it without planning a large table again.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import socket
 from datetime import datetime
 from typing import Any
 
-from . import __version__, logs
+from . import __version__, logs, planner
 from .errors import StoreError
 from .maintenance import Maintenance, PassResult
 from .store import Store
@@ -32,13 +35,24 @@ def row(maintenance: Maintenance, started_at: datetime, last_pass_at: datetime |
         "stopped_at": stopped_at,
     }
     if last_pass_at is not None:
-        values["last_pass_at"] = last_pass_at
-        values["last_pass"] = json.dumps(
+        last: dict[str, Any] = (
             {"ok": result.ok, "claimed": result.claimed, "refreshed": result.refreshed,
              "failed": result.failed, "skipped": result.skipped,
              "failures": dict(result.failures), "duration_s": round(result.duration, 3)}
             if result is not None else {"ok": False, "error": (error or "failed")[:300]})
+        if maintenance.capacity is not None and maintenance.planned_at is not None:
+            last["capacity"] = capacity(maintenance.capacity, maintenance.planned_at)
+        values["last_pass_at"] = last_pass_at
+        values["last_pass"] = json.dumps(last)
     return values
+
+
+def capacity(c: planner.Capacity, planned_at: datetime) -> dict[str, Any]:
+    """A plan's figures as reported (read back by :func:`tokend.status.capacity`)."""
+    return {"limit": c.limit, "needed": round(c.needed, 6),
+            "margin_s": c.margin.total_seconds(), "aim_s": c.aim.total_seconds(),
+            "floor_s": c.floor.total_seconds(), "grants": c.grants,
+            "planned_at": planned_at.isoformat()}
 
 
 def write(store: Store, values: dict[str, Any]) -> None:

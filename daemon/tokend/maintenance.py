@@ -94,6 +94,7 @@ class Maintenance:
         # until the first plan.
         self.schedule = config.schedule
         self.capacity: planner.Capacity | None = None
+        self.planned_at: datetime | None = None  # of self.capacity (store clock)
         self._plan_after = 0.0  # monotonic: no plan before this
         self.metrics.capacity(0.0, self.limiter.rate)
         self.lease = lease_for(config)
@@ -163,7 +164,8 @@ class Maintenance:
         s = self.config.schedule
         try:
             rows = self.store.plan_rows()
-            capacity, moves = planner.plan(rows, self.store.clock(), self.limiter.rate,
+            now = self.store.clock()
+            capacity, moves = planner.plan(rows, now, self.limiter.rate,
                                            s.refresh_before, s.refresh_margin_min)
             planned = {r.id: r.next_attempt_at for r in rows}
             self.store.replan({gid: (old, at) for gid, at in moves.items()
@@ -183,6 +185,7 @@ class Maintenance:
                         limit_per_s=capacity.limit, detail=planner.describe(capacity))
         self.schedule = replace(s, refresh_before=capacity.margin)
         self.capacity = capacity
+        self.planned_at = now
         self.metrics.capacity(capacity.needed, capacity.limit)
         if moves:
             log.info("refreshes_spread", moved=len(moves))

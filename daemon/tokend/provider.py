@@ -109,9 +109,10 @@ class ProviderClient:
         if max_body < 1:
             raise ValueError("max_body must be at least 1")
         self.provider = provider
-        # Code exchanges count against provider.rate_limit too; the daemon and
-        # ``tokend authorize`` set the process's limiter here (refreshes take their
-        # slot in tokend.maintenance, before the lease check).
+        # Every request to the provider counts against provider.rate_limit (the provider
+        # limits requests per egress IP): code exchanges and user look-ups take their
+        # slot here, from the limiter the daemon and ``tokend authorize`` set (refreshes
+        # take theirs in tokend.maintenance, before the lease check).
         self.limiter: Admission | None = None
         self._clock = clock or _utc_now
         self._max_body = max_body
@@ -159,8 +160,7 @@ class ProviderClient:
         _require_token(code, "authorization code")
         if not pkce.is_verifier(code_verifier):
             raise ValueError("code verifier is not 43 to 128 unreserved characters")
-        if self.limiter is not None:
-            self.limiter.acquire()
+        self._admit()
         return self._token_request(
             client, "authorization_code",
             {"code": code, "redirect_uri": redirect_uri, "code_verifier": code_verifier},
@@ -198,6 +198,7 @@ class ProviderClient:
     def current_user(self, access_token: str) -> tuple[str, str | None]:
         """``(user id, tenant id or None)`` of the user the access token belongs to."""
         _require_token(access_token, "access token")
+        self._admit()
         status, headers, body, truncated, sent_at = self._send(
             "GET", self.provider.user_url, grant=None,
             headers={"Authorization": f"Bearer {access_token}"},
@@ -239,6 +240,11 @@ class ProviderClient:
         self.close()
 
     # ----------------------------------------------------------------- transport
+
+    def _admit(self) -> None:
+        """Wait for this request's slot of the rate limit (none set: no wait)."""
+        if self.limiter is not None:
+            self.limiter.acquire()
 
     def _send(
         self,

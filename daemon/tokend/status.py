@@ -4,6 +4,11 @@
 turns it into text. Replicas report through their heartbeat rows (:mod:`tokend.heartbeat`):
 a replica that has not written one for three intervals (and a minute) is shown as silent,
 and what it last reported (held outcomes, open circuits) no longer counts as current.
+
+Capacity (issue 13) is the newest plan any listed replica reported (:mod:`tokend.planner`,
+the same figures as its gauges), said in words by :func:`tokend.planner.describe`. It is
+not planned here: planning reads every maintained grant (tens of seconds for a million
+rows), and the daemon does it at each pass anyway.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+from . import planner
 from .model import Grant, Stats
 
 DEADLINES = 10
@@ -60,10 +66,47 @@ def summary(stats: Stats, deadlines: Sequence[Grant], replicas: Sequence[dict[st
             {"grant_id": g.id, "client": g.client, "user_id": g.user_id,
              "status": g.status.value, "refresh_expires_at": _iso(g.refresh_expires_at)}
             for g in deadlines],
+        "capacity": capacity(shown),
         "held_outcomes": held,
         "blocked_clients": sorted(blocked),
         "replicas": shown,
     }
+
+
+def capacity(replicas: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The newest plan the listed replicas reported (all plan the same table against the
+    same limit), with its words; every figure None when none has reported one."""
+    newest: tuple[datetime, planner.Capacity, dict[str, Any]] | None = None
+    for r in replicas:
+        report: Any = (r.get("last_pass") or {}).get("capacity")
+        if report is None:
+            continue  # no plan yet, or a failed first pass
+        try:
+            at = datetime.fromisoformat(report["planned_at"])
+            if at.tzinfo is None:
+                raise ValueError("planned_at without a time zone")
+            c = planner.Capacity(
+                limit=float(report["limit"]), needed=float(report["needed"]),
+                margin=timedelta(seconds=report["margin_s"]),
+                aim=timedelta(seconds=report["aim_s"]),
+                floor=timedelta(seconds=report["floor_s"]), grants=int(report["grants"]))
+        except (KeyError, TypeError, ValueError, OverflowError):
+            continue  # written by another version: not a reason to fail status
+        if newest is None or at > newest[0]:
+            newest = (at, c, r)
+    if newest is None:
+        return {"limit": None, "needed": None, "ratio": None, "margin_s": None,
+                "aim_s": None, "floor_s": None, "grants": None, "planned_at": None,
+                "planned_by": None,
+                "words": "capacity: not known: no replica has reported a plan yet "
+                         "(`tokend run` plans at each pass)"}
+    at, c, r = newest
+    return {"limit": c.limit, "needed": round(c.needed, 3),
+            "ratio": round(c.ratio, 3) if c.limit else None,
+            "margin_s": c.margin.total_seconds(), "aim_s": c.aim.total_seconds(),
+            "floor_s": c.floor.total_seconds(), "grants": c.grants, "planned_at": _iso(at),
+            "planned_by": {"host": r["host"], "pid": r["pid"], "state": r["state"]},
+            "words": planner.describe(c)}
 
 
 def render(s: dict[str, Any]) -> str:
@@ -76,6 +119,13 @@ def render(s: dict[str, Any]) -> str:
     lines += ["", f"backlog: {b['due_now']} grant(s) due now"
               + ("" if not b["by_client"] else " ("
                  + ", ".join(f"{c} {n}" for c, n in b["by_client"].items()) + ")")]
+    c = s["capacity"]
+    first, *more = c["words"].splitlines()
+    lines += ["", first, *(f"  {line}" for line in more)]
+    if c["planned_by"] is not None:
+        by = c["planned_by"]
+        lines.append(f"  (planned at {c['planned_at']} by {by['host']} pid {by['pid']}, "
+                     f"{by['state']})")
     lines += ["", "next refresh-token deadlines:"]
     if not s["refresh_token_deadlines"]:
         lines.append("  (none)")
