@@ -110,15 +110,16 @@ def test_a_leased_grant_is_not_moved(make_config: Callable[..., Config],
     store = store_for(config)
     ids = seed(store, config, fake, 30, expires_in=timedelta(minutes=40),
                life=timedelta(hours=1))
-    rows = store.plan_rows()
-    assert len(rows) == 30
+    points = list(store.plan_points(datetime.now(UTC)))
+    assert len(points) == 30
     with store.tx() as conn:  # one grant is in flight in another replica
         conn.execute(update(G).where(G.c.id == ids[0]).values(
             lease_owner="other", lease_expires_at=datetime.now(UTC) + timedelta(minutes=5)))
-    moves = {r.id: (at, datetime.now(UTC)) for r in rows if (at := r.next_attempt_at)}
+    moves = {p.id: (stored, datetime.now(UTC)) for p, stored in points}
     store.replan(moves)
     now = datetime.now(UTC)
     after = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
     assert after[ids[0]] > now + timedelta(minutes=5)
     assert all(after[i] <= now for i in ids[1:])
-    assert len(store.plan_rows()) == 29
+    assert store.plan_count(datetime.now(UTC)) == 29
+    assert len(list(store.plan_points(datetime.now(UTC)))) == 29

@@ -4,12 +4,14 @@ releasing and expiring leases.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import (
+    Float,
     Interval,
     Select,
     and_,
@@ -22,6 +24,7 @@ from sqlalchemy import (
     type_coerce,
     update,
 )
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.types import NullType
 
 from .errors import GrantUnreadable, StoreConflict
@@ -31,8 +34,8 @@ from .model import (
     GrantType,
     Status,
 )
-from .planner import Row
-from .rows import G, Reads, _at, _integer, _timestamp
+from .planner import Point
+from .rows import G, Reads, _at
 
 
 class Claims(Reads):
@@ -81,35 +84,55 @@ class Claims(Reads):
             q = q.with_for_update(skip_locked=True)
         return cast("Select[Any]", q)
 
-    def plan_rows(self) -> list[Row]:
-        """What :mod:`tokend.planner` sees: the maintained grants not leased now."""
-        now = self.clock()
-        # Raw values, decoded row by row: an unreadable row is left out of the plan
-        # (the claim sets it aside and logs it), it does not end the pass.
-        raw = [type_coerce(c, NullType()) for c in (G.c.id, G.c.obtained_at,
-                                                    G.c.access_expires_at, G.c.next_attempt_at)]
-        q = select(*raw).where(
+    def _planned(self, now: datetime) -> Any:
+        """The grants the planner sees: maintained, planned, not leased now."""
+        return and_(
             G.c.status.in_([s.value for s in ACTIVE]), G.c.next_attempt_at.is_not(None),
+            G.c.access_expires_at.is_not(None),
             or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
-        rows: list[Row] = []
-        with self.tx(readonly=True) as conn:
-            for r in conn.execute(q).all():
-                try:
-                    rows.append(Row(_integer(r[0]), _timestamp(r[1]), _timestamp(r[2]),
-                                    _timestamp(r[3])))
-                except (TypeError, ValueError, OverflowError):
-                    continue
-        return rows
 
-    def replan(self, moves: Mapping[int, tuple[datetime, datetime]]) -> int:
+    def plan_count(self, now: datetime) -> int:
+        with self.tx(readonly=True) as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(G).where(self._planned(now))).scalar() or 0)
+
+    def plan_points(self, now: datetime, *, batch: int = 2000,
+                    ) -> Iterator[tuple[Point, Any]]:
+        """The planned grants, latest access-token expiry first (the order of
+        :class:`tokend.planner.Walk`), each with its ``next_attempt_at`` exactly as
+        stored (what :meth:`replan` compares against).
+
+        Streamed (a server-side cursor on PostgreSQL) with the moments as seconds since
+        the epoch computed by the database: a million rows never sit in memory, and no
+        timestamp is parsed in Python. A row whose moments are not times (edited by
+        hand) is left out of the plan; the claim sets it aside and logs it.
+        """
+        epoch = _epoch_sql(self.dialect)
+        expires = epoch(G.c.access_expires_at)
+        q = select(G.c.id, epoch(G.c.obtained_at), expires, epoch(G.c.next_attempt_at),
+                   type_coerce(G.c.next_attempt_at, NullType())).where(
+            self._planned(now)).order_by(expires.desc(), G.c.id.desc())
+        with self.tx(readonly=True) as conn:
+            result = conn.execution_options(yield_per=batch).execute(q)
+            for rows in result.partitions():
+                for gid, got, until, at, raw in rows:
+                    # NULL (SQLite: not a time), infinity (PostgreSQL) and NaN fail these
+                    if until is None or at is None or not (-_INF < until < _INF
+                                                           and -_INF < at < _INF):
+                        continue
+                    obtained = got if got is not None and -_INF < got < _INF else None
+                    yield Point(gid, obtained, until, at), raw
+
+    def replan(self, moves: Mapping[int, tuple[Any, datetime]]) -> int:
         """Move planned moments (id -> (as read, new)); a row changed meanwhile (refreshed,
         leased, edited) keeps its own."""
         if not moves:
             return 0
         now = self.clock()
+        # The old value as plan_points read it (text on SQLite): compared as stored.
         stmt = update(G).where(
             G.c.id == bindparam("m_id"),
-            G.c.next_attempt_at == bindparam("m_old", type_=G.c.next_attempt_at.type),
+            type_coerce(G.c.next_attempt_at, NullType()) == bindparam("m_old", type_=NullType()),
             or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)),
         ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
         with self.tx() as conn:
@@ -305,3 +328,13 @@ def _claim_update(dialect: str) -> Any:
 def _replace_grant(grant: Grant, **changes: Any) -> Grant:
     return replace(grant, **changes)
 
+
+def _epoch_sql(dialect: str) -> Callable[[Any], Any]:
+    """A timestamp column as float seconds since the epoch, by the database (NULL where
+    SQLite's text is not a time)."""
+    if dialect == "sqlite":
+        return lambda col: type_coerce((func.julianday(col) - 2440587.5) * 86400.0, Float)
+    return lambda col: sql_cast(func.extract("epoch", col), Float)
+
+
+_INF = math.inf

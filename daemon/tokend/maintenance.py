@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from . import circuit, consent, events, leases, logs, owners, planner, policy, spool, state
@@ -41,6 +41,7 @@ from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
 SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
+PLAN_WRITE_BATCH = 1000  # planned moves written per transaction while the walk goes on
 
 
 @dataclass
@@ -162,14 +163,21 @@ class Maintenance:
         if started < self._plan_after:
             return
         s = self.config.schedule
+        moved = 0
         try:
-            rows = self.store.plan_rows()
             now = self.store.clock()
-            capacity, moves = planner.plan(rows, now, self.limiter.rate,
-                                           s.refresh_before, s.refresh_margin_min)
-            planned = {r.id: r.next_attempt_at for r in rows}
-            self.store.replan({gid: (old, at) for gid, at in moves.items()
-                               if (old := planned[gid]) is not None})
+            walk = planner.Walk(now.timestamp(), self.limiter.rate, s.refresh_margin_min,
+                                self.store.plan_count(now))
+            moves: dict[int, tuple[Any, datetime]] = {}
+            for point, stored in self.store.plan_points(now):
+                at = walk.step(point)
+                if at is not None:
+                    moves[point.id] = (stored, datetime.fromtimestamp(at, UTC))
+                if len(moves) >= PLAN_WRITE_BATCH:  # written as found: memory stays flat
+                    moved += self.store.replan(moves)
+                    moves.clear()
+            moved += self.store.replan(moves)
+            capacity = walk.capacity(s.refresh_before)
         except Exception as exc:  # an optimisation: the pass goes on with the last plan
             log.warning("plan_failed", error=_error_text(exc))
             return
@@ -187,8 +195,8 @@ class Maintenance:
         self.capacity = capacity
         self.planned_at = now
         self.metrics.capacity(capacity.needed, capacity.limit)
-        if moves:
-            log.info("refreshes_spread", moved=len(moves))
+        if moved:
+            log.info("refreshes_spread", moved=moved)
 
     def _drain(self, result: PassResult) -> None:
         concurrency = self.config.schedule.concurrency

@@ -12,6 +12,9 @@ Pure functions of the table's rows, ``now`` and the settings:
   is planned at ``min(its own moment, the next one's - pace)`` ("as late as possible" at
   the limit's pace), so the refreshes a wall needs start early enough, earliest expiry
   first, and grants that are not part of a wall keep their moment.
+* :class:`Walk` is the one implementation of all three: it takes the grants one at a
+  time in that order, so the daemon streams the table through it (a million grants
+  never sit in memory at once); the list functions here feed it a sorted list.
 * :func:`needed_rate`: what the table needs over the time ahead (steady state at the
   floor, or the backlog up to each deadline, whichever is more), for the gauge and the
   alert; :func:`describe` says it in words (for ``tokend status``).
@@ -19,15 +22,19 @@ Pure functions of the table's rows, ``now`` and the settings:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 # Share of the limit the plan fills: the rest is for retries, code exchanges, on-demand
 # refreshes and the rate limiter's guard.
 BUDGET = 0.9
 ALERT_RATIO = 0.8  # the alert (and describe) warn when the table needs more than this
 MOVE_MIN = timedelta(seconds=1)  # smaller moves are not worth a write
+MOVE_MIN_S = MOVE_MIN.total_seconds()
 
 
 @dataclass(frozen=True)
@@ -62,16 +69,22 @@ def lifetime(row: Row) -> float | None:
     return seconds if seconds > 0 else None
 
 
-def steady_rate(lifetimes: Iterable[float], margin: float) -> float:
+Lifetimes = Mapping[float, int]  # lifetime in seconds -> grants with it
+
+
+def steady_rate(lifetimes: Iterable[float] | Lifetimes, margin: float) -> float:
     """Requests/s when every grant is refreshed ``margin`` seconds before expiry (a margin
     never above half the lifetime, as in :func:`tokend.policy.refresh_at`)."""
-    return sum(1.0 / (life - min(margin, life / 2)) for life in lifetimes)
+    pairs = lifetimes.items() if isinstance(lifetimes, Mapping) else ((x, 1) for x in lifetimes)
+    return sum(n / (life - min(margin, life / 2)) for life, n in pairs)
 
 
-def margin_for(lifetimes: Sequence[float], limit: float, aim: timedelta,
+def margin_for(lifetimes: Sequence[float] | Lifetimes, limit: float, aim: timedelta,
                floor: timedelta) -> timedelta:
     """The largest margin in [floor, aim] whose steady-state rate fits ``BUDGET * limit``
     (the floor when none does: then the alert says so)."""
+    if not isinstance(lifetimes, Mapping):
+        lifetimes = Counter(lifetimes)
     if limit <= 0 or not lifetimes or steady_rate(lifetimes, aim.total_seconds()) \
             <= BUDGET * limit:
         return aim
@@ -87,33 +100,110 @@ def margin_for(lifetimes: Sequence[float], limit: float, aim: timedelta,
     return timedelta(seconds=int(lo))
 
 
+class Point(NamedTuple):
+    """A maintained grant as the walk sees it: moments in seconds since the epoch (a
+    tuple: a million of them are made per plan of a big table)."""
+
+    id: int
+    obtained: float | None
+    expires: float
+    next_at: float | None
+
+
+class Walk:
+    """The planner over the maintained grants streamed latest access-token expiry first
+    (ties: highest id first), in memory that does not grow with the table.
+
+    ``total``: how many grants the stream holds (a count taken just before; the k-th
+    earliest deadline is the ``total - seen``-th grant of the walk). Each :meth:`step`
+    returns the grant's new planned moment if it moves (see :func:`level`); after the
+    last, :meth:`capacity` gives the figures (see :func:`needed_rate`, :func:`margin_for`).
+    Lifetimes are kept as a histogram in buckets 0.05 % wide (each bucket's mean): a
+    table of a million different lifetimes costs at most ~40,000 entries.
+    """
+
+    def __init__(self, now: float, limit: float, floor: timedelta, total: int) -> None:
+        self.now = now
+        self.limit = limit
+        self.floor = floor
+        self.total = total
+        self.grants = 0
+        self._pace = 1 / (BUDGET * limit) if limit > 0 else 0.0
+        self._floor = floor.total_seconds()
+        self._shortest = max(self._floor, 1.0)
+        self._following: float | None = None
+        self._backlog = 0.0
+        self._sums: dict[int, float] = {}
+        self._counts: Counter[int] = Counter()
+
+    def step(self, p: Point) -> float | None:
+        _id, obtained, expires, next_at = p
+        k = self.total - self.grants  # this deadline is the k-th earliest
+        self.grants += 1
+        ahead = expires - self._floor - self.now
+        rate = (k if k > 1 else 1) / (ahead if ahead > self._shortest else self._shortest)
+        self._backlog = max(self._backlog, rate)
+        if obtained is not None and expires > obtained:
+            life = expires - obtained
+            key = round(math.log(life) * 2000)
+            self._sums[key] = self._sums.get(key, 0.0) + life
+            self._counts[key] += 1
+        if next_at is None:
+            return None
+        slot = next_at
+        if self._following is not None and self._pace and self._following - self._pace < slot:
+            slot = self._following - self._pace
+        if obtained is not None and obtained > slot:
+            slot = obtained  # no refresh before the token exists
+        self._following = slot
+        if self._pace and next_at > self.now and next_at - slot >= MOVE_MIN_S:
+            return slot
+        return None
+
+    def lifetimes(self) -> dict[float, int]:
+        return {self._sums[key] / n: n for key, n in self._counts.items()}
+
+    def needed(self) -> float:
+        return max(steady_rate(self.lifetimes(), self._floor), self._backlog)
+
+    def capacity(self, aim: timedelta) -> Capacity:
+        return Capacity(limit=self.limit, needed=self.needed(),
+                        margin=margin_for(self.lifetimes(), self.limit, aim, self.floor),
+                        aim=aim, floor=self.floor, grants=self.grants)
+
+
+def _walk(rows: Sequence[Row], now: datetime, limit: float, floor: timedelta,
+          ) -> tuple[Walk, dict[int, datetime]]:
+    """A list of rows through :class:`Walk`, in its order."""
+    points = sorted((Point(r.id, _epoch(r.obtained_at), r.access_expires_at.timestamp(),
+                           _epoch(r.next_attempt_at))
+                     for r in rows if r.access_expires_at is not None),
+                    key=lambda p: (p.expires, p.id), reverse=True)
+    walk = Walk(now.timestamp(), limit, floor, len(points))
+    moves = {}
+    for p in points:
+        at = walk.step(p)
+        if at is not None:
+            moves[p.id] = datetime.fromtimestamp(at, UTC)
+    return walk, moves
+
+
+def _epoch(t: datetime | None) -> float | None:
+    return None if t is None else t.timestamp()
+
+
 def level(rows: Sequence[Row], now: datetime, limit: float) -> dict[int, datetime]:
     """New planned moments: grants pulled earlier so that, in expiry order, no two are
     planned closer than the limit's pace (``1 / (BUDGET * limit)``).
 
-    Only grants planned in the future move, and only earlier (never later than their
-    own moment, so a grant is never planned past the margin it was given). A move of
-    less than ``MOVE_MIN`` is left out. A grant that would move into the past is due
-    now, its place in the queue (``next_attempt_at`` order) still by expiry.
+    Walking the grants from the latest expiry to the earliest, each is planned at
+    ``min(its own moment, the next one's - pace)``. Only grants planned in the future
+    move, and only earlier (never later than their own moment, so a grant is never
+    planned past the margin it was given). A move of less than ``MOVE_MIN`` is left
+    out. A grant that would move into the past is due now, its place in the queue
+    (``next_attempt_at`` order) still by expiry.
     """
-    if limit <= 0:
-        return {}
-    pace = timedelta(seconds=1 / (BUDGET * limit))
-    planned = sorted((r for r in rows if r.access_expires_at is not None
-                      and r.next_attempt_at is not None),
-                     key=lambda r: (r.access_expires_at, r.id), reverse=True)
-    moves: dict[int, datetime] = {}
-    following: datetime | None = None  # the slot of the grant expiring next after this one
-    for r in planned:
-        assert r.next_attempt_at is not None
-        slot = r.next_attempt_at if following is None else min(r.next_attempt_at,
-                                                               following - pace)
-        if r.obtained_at is not None:
-            slot = max(slot, r.obtained_at)  # no refresh before the token exists
-        if r.next_attempt_at > now and r.next_attempt_at - slot >= MOVE_MIN:
-            moves[r.id] = slot
-        following = slot
-    return moves
+    return _walk(rows, now, limit, timedelta(0))[1]
 
 
 def needed_rate(rows: Sequence[Row], now: datetime, floor: timedelta) -> float:
@@ -123,26 +213,14 @@ def needed_rate(rows: Sequence[Row], now: datetime, floor: timedelta) -> float:
     backlog: for the k-th earliest deadline (expiry - floor), k refreshes in the time
     until it (at least ``floor``, so an instant backlog does not read as infinite).
     """
-    lifetimes = [life for life in map(lifetime, rows) if life is not None]
-    steady = steady_rate(lifetimes, floor.total_seconds())
-    deadlines = sorted(r.access_expires_at - floor for r in rows
-                       if r.access_expires_at is not None)
-    shortest = max(floor.total_seconds(), 1.0)
-    backlog = 0.0
-    for k, deadline in enumerate(deadlines, start=1):
-        backlog = max(backlog, k / max((deadline - now).total_seconds(), shortest))
-    return max(steady, backlog)
+    return _walk(rows, now, 0.0, floor)[0].needed()
 
 
 def plan(rows: Sequence[Row], now: datetime, limit: float, aim: timedelta,
          floor: timedelta) -> tuple[Capacity, dict[int, datetime]]:
     """The margin to plan with, the table's capacity figures, and the moves to write."""
-    lifetimes = [life for life in map(lifetime, rows) if life is not None]
-    margin = margin_for(lifetimes, limit, aim, floor)
-    capacity = Capacity(limit=limit, needed=needed_rate(rows, now, floor), margin=margin,
-                        aim=aim, floor=floor,
-                        grants=sum(1 for r in rows if r.access_expires_at is not None))
-    return capacity, level(rows, now, limit)
+    walk, moves = _walk(rows, now, limit, floor)
+    return walk.capacity(aim), moves
 
 
 def describe(c: Capacity) -> str:
