@@ -25,6 +25,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.engine import Connection
 from sqlalchemy.types import NullType
 
 from .errors import GrantUnreadable, StoreConflict
@@ -167,18 +168,10 @@ class Claims(Reads):
                         grants.append(self._grant(r, with_tokens=True))
                     except GrantUnreadable as exc:
                         bad.append(exc)  # not leased: the row stays exactly as it is
-                if grants:
-                    conn.execute(_claim_update(self.dialect),
-                                 {"ids": [g.id for g in grants], "c_owner": owner,
-                                  "c_until": until, "c_lease": lease})
+                leased = self._lease(conn, grants, owner, until, lease)
             self._set_aside(bad)
-            if grants or not bad:
-                break  # a batch of nothing but unreadable rows: claim past them
-        return [
-            _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
-                           lease_owner=owner, lease_expires_at=until)
-            for g in grants
-        ]
+            if leased or not bad:
+                return leased  # a batch of nothing but unreadable rows: claim past them
 
     def claim_probe(self, client: str, markers: Sequence[str], owner: str,
                     lease: timedelta) -> Grant | None:
@@ -213,11 +206,7 @@ class Claims(Reads):
                 except GrantUnreadable as exc:
                     bad = exc  # not leased: set aside below, then the next candidate
                 else:
-                    conn.execute(_claim_update(self.dialect),
-                                 {"ids": [g.id], "c_owner": owner, "c_until": until,
-                                  "c_lease": lease})
-                    return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
-                                          lease_owner=owner, lease_expires_at=until)
+                    return self._lease(conn, [g], owner, until, lease)[0]
             self._set_aside([bad])
 
     def claim_one(self, grant_id: int, owner: str, lease: timedelta) -> Grant | None:
@@ -234,11 +223,21 @@ class Claims(Reads):
             row = conn.execute(q).first()
             if row is None:
                 return None
-            g = self._grant(row, with_tokens=True)
-            conn.execute(_claim_update(self.dialect),
-                         {"ids": [g.id], "c_owner": owner, "c_until": until, "c_lease": lease})
-        return _replace_grant(g, in_doubt=g.in_doubt or g.lease_owner is not None,
-                              lease_owner=owner, lease_expires_at=until)
+            return self._lease(conn, [self._grant(row, with_tokens=True)], owner, until,
+                               lease)[0]
+
+    def _lease(self, conn: Connection, grants: Sequence[Grant], owner: str,
+               until: datetime, lease: timedelta) -> list[Grant]:
+        """Lease ``grants`` (read in this transaction) to ``owner``; returns them as leased.
+
+        A grant still leased to someone whose lease ran out had an attempt in flight:
+        it is marked in doubt (its token may have rotated)."""
+        if grants:
+            conn.execute(_claim_update(self.dialect), {
+                "ids": [g.id for g in grants], "c_owner": owner, "c_until": until,
+                "c_lease": lease})
+        return [replace(g, in_doubt=g.in_doubt or g.lease_owner is not None,
+                        lease_owner=owner, lease_expires_at=until) for g in grants]
 
     def release_held(self, client: str, markers: Sequence[str],
                      order: Callable[[Sequence[tuple[int, datetime | None]], datetime],
@@ -324,9 +323,6 @@ def _claim_update(dialect: str) -> Any:
         stmt = _CLAIM_STATEMENTS[dialect] = _claim_statement(dialect)
     return stmt
 
-
-def _replace_grant(grant: Grant, **changes: Any) -> Grant:
-    return replace(grant, **changes)
 
 
 def _epoch_sql(dialect: str) -> Callable[[Any], Any]:
