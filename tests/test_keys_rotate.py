@@ -47,6 +47,23 @@ def store(make_config: Callable[..., Config], store_for: Callable[..., Store]) -
     return store_for(make_config())
 
 
+
+def test_a_consent_under_way_survives_the_old_key_being_dropped(store: Store) -> None:
+    """keys rotate also re-encrypts the PKCE verifier of a consent started before it, so
+    the person can finish after the old key is gone from the key file."""
+    from tokend.consent import Link
+    from tokend.consent_store import ConsentStore
+    from tokend.pkce import new_pair
+
+    verifier = new_pair().verifier
+    ConsentStore(store).begin("state-1", Link(1, NOW + timedelta(hours=1), "m"),
+                              "https://app.example/cb", timedelta(minutes=30), verifier)
+    new_key = Secret(generate_key())
+    Store(store.engine, Cipher((new_key, *store.cipher.keys))).reencrypt()
+    only_new = Store(store.engine, Cipher((new_key,)))
+    pending = ConsentStore(only_new).take("state-1")
+    assert pending is not None and pending.code_verifier == verifier
+
 @pytest.mark.parametrize("daemon_key", ["new", "old"])
 def test_a_refresh_saved_between_read_and_write_wins(store: Store, daemon_key: str) -> None:
     """``old``: a daemon not yet restarted saves under the old key; the rotation reads the

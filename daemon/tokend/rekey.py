@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 from sqlalchemy import (
+    Table,
     select,
     update,
 )
 
 from .errors import StoreError
 from .rows import G, Reads
+from .schema import ConsentStateRow
+
+S = cast(Table, ConsentStateRow.__table__)
 
 
 class Rekey(Reads):
@@ -32,6 +37,7 @@ class Rekey(Reads):
                     select(G.c.id, G.c.access_token, G.c.refresh_token)
                     .where(G.c.id > last).order_by(G.c.id).limit(batch)).all()
             if not rows:
+                self._reencrypt_consents()
                 return done
             last = rows[-1][0]
             if progress is not None:
@@ -70,3 +76,23 @@ class Rekey(Reads):
         if refresh and self.cipher.needs_rotation(refresh):
             values["refresh_token"] = self.cipher.rotate(refresh, grant_id=gid)
         return values
+
+
+    def _reencrypt_consents(self) -> int:
+        """The PKCE verifiers of consents under way (``consent_states``, minutes-lived
+        rows): a person who started a consent before the old key was dropped can still
+        finish it. Each row only if unchanged since read; one that cannot be read with any
+        key fails as a grant's token does."""
+        with self.tx(readonly=True) as conn:
+            rows = conn.execute(select(S.c.id, S.c.code_verifier)
+                                .where(S.c.used_at.is_(None))).all()
+        done = 0
+        for sid, verifier in rows:
+            if not verifier or not self.cipher.needs_rotation(verifier):
+                continue
+            rotated = self.cipher.rotate(verifier)
+            with self.tx() as conn:
+                done += conn.execute(update(S).where(
+                    S.c.id == sid, S.c.code_verifier == verifier).values(
+                        code_verifier=rotated)).rowcount
+        return done
