@@ -625,3 +625,19 @@ def test_a_pooled_connection_is_pinged_after_idling(pg_url: str, idle: float,
             assert conn.exec_driver_sql("SELECT 1").scalar() == 1
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+def test_connections_notice_a_vanished_server(pg_url: str) -> None:
+    """TCP keepalives and a user timeout on every pooled connection (a server gone
+    without a word would block a save forever); a value given in the URL wins."""
+    for url, idle in ((pg_url, "10"), (f"{pg_url}?keepalives_idle=30", "30")):
+        engine = make_engine(url, pool_size=1)
+        try:
+            with engine.connect() as conn:
+                params = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+            assert params["keepalives"] == "1"
+            assert params["keepalives_idle"] == idle
+            assert params["tcp_user_timeout"] == "30000"
+        finally:
+            engine.dispose()

@@ -30,6 +30,7 @@ from sqlalchemy import (
     Engine,
     create_engine,
     event,
+    make_url,
 )
 from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.exc import (
@@ -49,6 +50,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+PG_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+    "keepalives_count": 3, "tcp_user_timeout": 30_000,
+}
 PING_AFTER_IDLE = 5.0  # seconds a pooled PostgreSQL connection may idle unpinged
 
 
@@ -94,8 +99,15 @@ def make_engine(url: str, *, pool_size: int = 10,
                 raise OperationalError(f"BEGIN {mode}", None, exc) from exc
 
         return engine
+    # A server that vanishes without closing the connection (a host or network gone, a
+    # failover behind a virtual IP) would leave a save blocked in recv() forever, holding
+    # its rotated token in memory: TCP keepalives and a TCP user timeout end such a
+    # connection within about 30 s, as a StoreError the save retries (and spools).
+    # Values in the URL's query win.
+    given = make_url(url).query
+    connect_args = {key: value for key, value in PG_CONNECT_ARGS.items() if key not in given}
     engine = create_engine(url, pool_size=pool_size, max_overflow=pool_size,
-                           pool_recycle=1800, connect_args={"connect_timeout": 10})
+                           pool_recycle=1800, connect_args=connect_args)
 
     # A pooled connection is pinged before use only if it sat idle ``ping_after_idle``:
     # SQLAlchemy's pool_pre_ping pings on every checkout, a round trip that cost as
