@@ -216,3 +216,55 @@ def test_provider_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) ->
         assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
     with ProviderClient(ProviderConfig(verify_tls=False)) as client:
         assert client._verify is False
+
+
+# ------------------------------------------------------------ the streaming walk
+
+
+def _oracle(rows: list[Row], now: datetime, limit: float, floor: timedelta,
+            ) -> tuple[dict[int, datetime], float]:
+    """The planner as first written, on a whole sorted list (before the streaming walk):
+    the walk must give the same moves and the same needed rate."""
+    moves: dict[int, datetime] = {}
+    if limit > 0:
+        pace = timedelta(seconds=1 / (planner.BUDGET * limit))
+        following: datetime | None = None
+        for r in sorted((r for r in rows if r.access_expires_at and r.next_attempt_at),
+                        key=lambda r: (r.access_expires_at, r.id), reverse=True):
+            assert r.next_attempt_at is not None
+            slot = r.next_attempt_at if following is None else min(r.next_attempt_at,
+                                                                   following - pace)
+            if r.obtained_at is not None:
+                slot = max(slot, r.obtained_at)
+            if r.next_attempt_at > now and r.next_attempt_at - slot >= planner.MOVE_MIN:
+                moves[r.id] = slot
+            following = slot
+    lifetimes = [x for x in map(planner.lifetime, rows) if x is not None]
+    steady = planner.steady_rate(lifetimes, floor.total_seconds())
+    deadlines = sorted(r.access_expires_at - floor for r in rows if r.access_expires_at)
+    shortest = max(floor.total_seconds(), 1.0)
+    backlog = max((k / max((d - now).total_seconds(), shortest)
+                   for k, d in enumerate(deadlines, start=1)), default=0.0)
+    return moves, max(steady, backlog)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_walk_plans_as_the_whole_list_did(seed: int) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    table = []
+    for i in range(1, rnd.randint(1, 400)):
+        life = rnd.choice([60.0, 120.0, 3600.0, rnd.uniform(10, 500)])
+        expiry = rnd.uniform(-30, 600)
+        at = expiry - rnd.uniform(0, life) if rnd.random() > 0.05 else None
+        got = expiry - life if rnd.random() > 0.05 else None
+        table.append(Row(i, None if got is None else T0 + got * S, T0 + expiry * S,
+                         None if at is None else T0 + at * S))
+    limit = rnd.choice([0.0, 0.5, 5.0, 50.0])
+    floor = rnd.choice([1, 6, 60]) * S
+    capacity, moves = planner.plan(table, T0, limit, 20 * S, floor)
+    want_moves, want_needed = _oracle(table, T0, limit, floor)
+    assert moves.keys() == want_moves.keys()
+    assert all(abs((moves[i] - want_moves[i]).total_seconds()) < 1e-3 for i in moves)
+    assert capacity.needed == pytest.approx(want_needed, rel=1e-3)
