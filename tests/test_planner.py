@@ -216,3 +216,26 @@ def test_provider_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) ->
         assert client._proxies_for("http://api.example/x")["http"] == "http://proxy.invalid:3128"
     with ProviderClient(ProviderConfig(verify_tls=False)) as client:
         assert client._verify is False
+
+
+@pytest.mark.parametrize(("seconds", "moment"), [
+    (0.0, True), (planner.FIRST_S, True), (planner.LAST_S, True),
+    (planner.FIRST_S - 1, False), (planner.LAST_S + 1, False),
+    (float("inf"), False), (float("-inf"), False), (float("nan"), False),
+])
+def test_a_moment_is_what_a_datetime_can_hold(seconds: float, moment: bool) -> None:
+    assert planner.is_moment(seconds) is moment
+    if moment:
+        datetime.fromtimestamp(seconds, UTC)
+
+
+def test_a_move_pulled_back_past_year_one_stays_a_datetime() -> None:
+    """A grant planned (by hand) at the first moment, without obtained_at, is followed by
+    grants that level pulls before it: they are due now, at a moment Python can hold."""
+    now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    walk = planner.Walk(now, 0.5, timedelta(minutes=5), 3)
+    assert walk.step(planner.Point(3, None, now + 7200, planner.FIRST_S)) is None
+    for gid in (2, 1):
+        at = walk.step(planner.Point(gid, None, now + 3600, now + 1800))
+        assert at == planner.FIRST_S
+        datetime.fromtimestamp(at, UTC)
