@@ -22,6 +22,7 @@ from tokend.policy import initial
 from tokend.provider import ProviderClient
 from tokend.schema import GrantRow
 from tokend.store import Store
+from tokend.testing import quiet_logs
 
 G = cast(Table, GrantRow.__table__)
 
@@ -153,3 +154,46 @@ def test_the_plan_streams_the_table_and_skips_rows_that_are_not_times(
         assert abs(p.expires - g.access_expires_at.timestamp()) < 0.002
         assert abs(cast(float, p.next_at) - g.next_attempt_at.timestamp()) < 0.002
     assert store.plan_count(now) == len(ids)  # counted by SQL; the walk tolerates the gap
+
+
+def test_moments_python_cannot_hold_do_not_stop_the_plan(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo) -> None:
+    """Moments edited by hand that the database takes as times but Python's datetime cannot
+    hold (SQLite year 0; PostgreSQL BC or past 9999) are left out of the plan, as the claim
+    sets such rows aside: a move computed from them must not fail the plan of the whole
+    table (it did, every pass: plan_failed error=ValueError, the wall never spread)."""
+    config = limited(make_config(fake=fake, schedule_extra='refresh_before = "30m"\n'
+                                                    'refresh_margin_min = "5m"'))
+    store = store_for(config)
+    ids = seed(store, config, fake, 60, expires_in=timedelta(minutes=40),
+               life=timedelta(hours=1))
+    parked = ids[:2]
+    with store.tx() as conn:
+        if store.dialect == "sqlite":
+            # the latest expiry, planned in year 0, and no row knows its obtained_at
+            conn.execute(text("UPDATE grants SET obtained_at = NULL"))
+            conn.execute(text(
+                "UPDATE grants SET next_attempt_at = '0000-06-01T00:00:00.000000Z', "
+                "access_expires_at = '2999-01-01T00:00:00.000000Z' WHERE id = :i"),
+                {"i": parked[0]})
+            parked = parked[:1]
+        else:
+            # two grants "parked" in year 20000, the later-expiring one planned earlier
+            for gid, days, year in ((parked[0], 2, "20000-01-01"), (parked[1], 1, "20000-06-01")):
+                conn.execute(text(
+                    "UPDATE grants SET access_expires_at = access_expires_at + "
+                    f"interval '{days} days', next_attempt_at = '{year}' WHERE id = :i"),
+                    {"i": gid})
+    before = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+    m = engine(config, store, Metrics())
+    try:
+        with quiet_logs("info") as sink:
+            m._plan()
+        assert "plan_failed" not in sink.getvalue()
+        assert m.capacity is not None and m.capacity.grants == 60 - len(parked)
+        after = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+        wall = [gid for gid in ids if gid not in parked]
+        assert sum(after[gid] < before[gid] for gid in wall) >= 50
+    finally:
+        m.close()

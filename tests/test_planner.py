@@ -268,3 +268,26 @@ def test_the_walk_plans_as_the_whole_list_did(seed: int) -> None:
     assert moves.keys() == want_moves.keys()
     assert all(abs((moves[i] - want_moves[i]).total_seconds()) < 1e-3 for i in moves)
     assert capacity.needed == pytest.approx(want_needed, rel=1e-3)
+
+
+@pytest.mark.parametrize(("seconds", "moment"), [
+    (0.0, True), (planner.FIRST_S, True), (planner.LAST_S, True),
+    (planner.FIRST_S - 1, False), (planner.LAST_S + 1, False),
+    (float("inf"), False), (float("-inf"), False), (float("nan"), False),
+])
+def test_a_moment_is_what_a_datetime_can_hold(seconds: float, moment: bool) -> None:
+    assert planner.is_moment(seconds) is moment
+    if moment:
+        datetime.fromtimestamp(seconds, UTC)
+
+
+def test_a_move_pulled_back_past_year_one_stays_a_datetime() -> None:
+    """A grant planned (by hand) at the first moment, without obtained_at, is followed by
+    grants that level pulls before it: they are due now, at a moment Python can hold."""
+    now = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    walk = planner.Walk(now, 0.5, timedelta(minutes=5), 3)
+    assert walk.step(planner.Point(3, None, now + 7200, planner.FIRST_S)) is None
+    for gid in (2, 1):
+        at = walk.step(planner.Point(gid, None, now + 3600, now + 1800))
+        assert at == planner.FIRST_S
+        datetime.fromtimestamp(at, UTC)

@@ -21,6 +21,7 @@ import requests
 from sqlalchemy import text
 
 from conftest import CLIENT_ID, CLIENT_SECRET
+from tokend import authorize as authorize_module
 from tokend import notify, pkce
 from tokend.api import GrantUnavailable, TokenStore
 from tokend.authorize import authorize
@@ -289,6 +290,40 @@ def test_authorize_takes_slots_of_the_shared_rate_limit(
             "SELECT next_at FROM rate_slots WHERE name = 'token_endpoint'")).scalar_one()
     # two slots after the others': the exchange's and the user look-up's
     assert (next_at - taken).total_seconds() >= 2 * interval - 0.001
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_authorize_gives_up_when_the_shared_rate_limit_does_not_answer(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database stops answering the rate limit between the consent and the exchange:
+    the flow ends (exit 1, nothing sent, nothing stored) within SLOT_WAIT, with a message,
+    instead of waiting for ever in silence (the code it would send lives one minute)."""
+    monkeypatch.setattr(authorize_module, "SLOT_WAIT", 1.0)
+    config = make_config(fake=fake, rate_limit=2)
+    store = store_for(config)
+
+    def break_budget(location: str) -> str:  # after the consent, before the redirect
+        with store.tx() as conn:
+            conn.execute(text("ALTER TABLE rate_slots RENAME TO rate_slots_gone"))
+        return location
+
+    done: list[tuple[int, str, str]] = []
+    worker = threading.Thread(target=lambda: done.append(
+        run_authorize(config, store, browser(tamper=break_budget))), daemon=True)
+    worker.start()
+    try:
+        worker.join(timeout=15)
+        waiting = worker.is_alive()
+    finally:
+        with store.tx() as conn:  # a flow still waiting goes on now
+            conn.execute(text("ALTER TABLE IF EXISTS rate_slots_gone RENAME TO rate_slots"))
+        worker.join(timeout=15)
+    assert not waiting, "authorize was still waiting for a rate-limit slot after 15 s"
+    code, _out, err = done[0]
+    assert code == 1 and "rate_limit" in err and "nothing stored" in err, err
+    assert fake.stats()["token_requests"] == 0
+    assert list(store.iter_grants()) == []
 
 
 def test_cli_authorize_prints_the_url_on_its_own_line(tmp_path: Path, db_url: str,

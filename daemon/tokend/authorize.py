@@ -27,11 +27,15 @@ from .config import ClientConfig, Config, split_host_port
 from .errors import ConfigError, ProviderError, TokendError, UsageError
 from .listener import BoundedHTTPServer, Served
 from .model import Grant, GrantType, NewGrant, Status
-from .provider import ProviderClient
+from .provider import Admission, ProviderClient
 from .sharedlimit import limiter_for
 from .store import Store, open_store
 
 log = logs.get("tokend.authorize")
+# Seconds a request to the provider waits for its slot of provider.rate_limit before the
+# flow gives up: a slot is normally a few intervals away; longer means the database that
+# shares the budget stopped answering after the consent (the code lives one minute).
+SLOT_WAIT = 30.0
 
 _PAGE = """<!doctype html><meta charset="utf-8"><title>tokend</title>
 <body style="font-family:sans-serif;margin:3em"><h1>{title}</h1><p>{text}</p></body>"""
@@ -39,6 +43,29 @@ _PAGE = """<!doctype html><meta charset="utf-8"><title>tokend</title>
 
 class AuthorizationFailed(TokendError):
     pass
+
+
+class _SlotWithin:
+    """A limiter whose slot not had within ``seconds`` ends the flow (nothing is sent),
+    instead of a wait without end in which the person at the terminal sees nothing."""
+
+    def __init__(self, limiter: Admission, seconds: float) -> None:
+        self.limiter = limiter
+        self.seconds = seconds
+
+    def acquire(self, stop: threading.Event | None = None) -> bool:
+        gave_up = threading.Event()
+        timer = threading.Timer(self.seconds, gave_up.set)
+        timer.daemon = True
+        timer.start()
+        try:
+            if self.limiter.acquire(gave_up):
+                return True
+        finally:
+            timer.cancel()
+        raise AuthorizationFailed(
+            f"no slot of provider.rate_limit within {self.seconds:g}s (on PostgreSQL the "
+            "database that shares it does not answer); nothing sent, nothing stored")
 
 
 class _Callback:
@@ -150,7 +177,8 @@ def _flow(config: Config, c: ClientConfig, redirect: str, address: tuple[str, in
     if provider.limiter is None:
         # The exchange and the user look-up are requests to the provider like any
         # refresh: on PostgreSQL they take slots of the budget all replicas share.
-        provider.limiter = limiter_for(store, config.provider.rate_limit)
+        provider.limiter = _SlotWithin(limiter_for(store, config.provider.rate_limit),
+                                       SLOT_WAIT)
     served = Served(server, "tokend-authorize", poll_interval=0.1).start()
     try:
         state = secrets.token_urlsafe(24)

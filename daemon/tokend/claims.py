@@ -4,7 +4,6 @@ releasing and expiring leases.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -35,7 +34,7 @@ from .model import (
     GrantType,
     Status,
 )
-from .planner import Point
+from .planner import Point, is_moment
 from .rows import G, Reads, _at
 
 
@@ -117,11 +116,12 @@ class Claims(Reads):
             result = conn.execution_options(yield_per=batch).execute(q)
             for rows in result.partitions():
                 for gid, got, until, at, raw in rows:
-                    # NULL (SQLite: not a time), infinity (PostgreSQL) and NaN fail these
-                    if until is None or at is None or not (-_INF < until < _INF
-                                                           and -_INF < at < _INF):
+                    # NULL (SQLite: not a time), infinity, NaN, and years Python cannot
+                    # hold (the claim cannot read them either) fail these
+                    if until is None or at is None or not (is_moment(until)
+                                                           and is_moment(at)):
                         continue
-                    obtained = got if got is not None and -_INF < got < _INF else None
+                    obtained = got if got is not None and is_moment(got) else None
                     yield Point(gid, obtained, until, at), raw
 
     def replan(self, moves: Mapping[int, tuple[Any, datetime]]) -> int:
@@ -331,6 +331,3 @@ def _epoch_sql(dialect: str) -> Callable[[Any], Any]:
     if dialect == "sqlite":
         return lambda col: type_coerce((func.julianday(col) - 2440587.5) * 86400.0, Float)
     return lambda col: sql_cast(func.extract("epoch", col), Float)
-
-
-_INF = math.inf

@@ -35,6 +35,17 @@ BUDGET = 0.9
 ALERT_RATIO = 0.8  # the alert (and describe) warn when the table needs more than this
 MOVE_MIN = timedelta(seconds=1)  # smaller moves are not worth a write
 MOVE_MIN_S = MOVE_MIN.total_seconds()
+# The moments (seconds since the epoch) Python's datetime can hold, with a day to spare
+# for rounding: a value outside (edited by hand: SQLite takes year 0, PostgreSQL BC and
+# years past 9999) is no time to the claim, which sets its row aside, nor to the plan,
+# whose moves must convert back to datetimes.
+FIRST_S = datetime(1, 1, 2, tzinfo=UTC).timestamp()
+LAST_S = datetime(9999, 12, 30, tzinfo=UTC).timestamp()
+
+
+def is_moment(seconds: float) -> bool:
+    """Whether ``seconds`` since the epoch is a moment the plan can use (NaN is not)."""
+    return FIRST_S <= seconds <= LAST_S
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,7 @@ class Walk:
             slot = self._following - self._pace
         if obtained is not None and obtained > slot:
             slot = obtained  # no refresh before the token exists
+        slot = max(slot, FIRST_S)  # pulled back from near year 1: due now all the same
         self._following = slot
         if self._pace and next_at > self.now and next_at - slot >= MOVE_MIN_S:
             return slot
