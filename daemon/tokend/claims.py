@@ -5,6 +5,7 @@ releasing and expiring leases.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -34,7 +35,7 @@ from .model import (
     GrantType,
     Status,
 )
-from .planner import Point, is_moment
+from .planner import FIRST_S, LAST_S, Point, is_moment
 from .rows import G, Reads, _at
 
 
@@ -91,38 +92,46 @@ class Claims(Reads):
             G.c.access_expires_at.is_not(None),
             or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
 
-    def plan_count(self, now: datetime) -> int:
-        with self.tx(readonly=True) as conn:
-            return int(conn.execute(
-                select(func.count()).select_from(G).where(self._planned(now))).scalar() or 0)
-
-    def plan_points(self, now: datetime, *, batch: int = 2000,
-                    ) -> Iterator[tuple[Point, Any]]:
-        """The planned grants, latest access-token expiry first (the order of
-        :class:`tokend.planner.Walk`), each with its ``next_attempt_at`` exactly as
-        stored (what :meth:`replan` compares against).
+    @contextmanager
+    def plan_snapshot(self, now: datetime, *, batch: int = 2000,
+                      ) -> Iterator[tuple[int, Iterator[tuple[Point, Any]]]]:
+        """``(how many, the grants)`` the planner sees, from ONE snapshot of the table
+        (the count gives each expiry its rank, :class:`tokend.planner.Walk`): the
+        planned grants latest access-token expiry first, each with its
+        ``next_attempt_at`` exactly as stored (what :meth:`replan` compares against).
 
         Streamed (a server-side cursor on PostgreSQL) with the moments as seconds since
         the epoch computed by the database: a million rows never sit in memory, and no
-        timestamp is parsed in Python. A row whose moments are not times (edited by
-        hand) is left out of the plan; the claim sets it aside and logs it.
+        timestamp is parsed in Python. A row whose expiry or next attempt is not a time
+        Python can hold (edited by hand: text, infinity, year 0 or 20000) is neither
+        counted nor streamed; the claim sets it aside and logs it.
         """
         epoch = _epoch_sql(self.dialect)
-        expires = epoch(G.c.access_expires_at)
-        q = select(G.c.id, epoch(G.c.obtained_at), expires, epoch(G.c.next_attempt_at),
-                   type_coerce(G.c.next_attempt_at, NullType())).where(
-            self._planned(now)).order_by(expires.desc(), G.c.id.desc())
-        with self.tx(readonly=True) as conn:
-            result = conn.execution_options(yield_per=batch).execute(q)
-            for rows in result.partitions():
-                for gid, got, until, at, raw in rows:
-                    # NULL (SQLite: not a time), infinity, NaN, and years Python cannot
-                    # hold (the claim cannot read them either) fail these
-                    if until is None or at is None or not (is_moment(until)
-                                                           and is_moment(at)):
-                        continue
-                    obtained = got if got is not None and is_moment(got) else None
-                    yield Point(gid, obtained, until, at), raw
+        expires, at = epoch(G.c.access_expires_at), epoch(G.c.next_attempt_at)
+        # NULL (SQLite: not a time), infinity, NaN and years out of range fail BETWEEN
+        where = and_(self._planned(now), expires.between(FIRST_S, LAST_S),
+                     at.between(FIRST_S, LAST_S))
+        q = select(G.c.id, epoch(G.c.obtained_at), expires, at,
+                   type_coerce(G.c.next_attempt_at, NullType())).where(where).order_by(
+            expires.desc(), G.c.id.desc())
+        with self.tx(readonly=True, snapshot=True) as conn:
+            total = int(conn.execute(select(func.count()).select_from(G).where(where))
+                        .scalar() or 0)
+
+            def points() -> Iterator[tuple[Point, Any]]:
+                result = conn.execution_options(yield_per=batch).execute(q)
+                for rows in result.partitions():
+                    for gid, got, until, moment, raw in rows:
+                        obtained = got if got is not None and is_moment(got) else None
+                        yield Point(gid, obtained, until, moment), raw
+
+            yield total, points()
+
+    def plan_points(self, now: datetime, *, batch: int = 2000,
+                    ) -> Iterator[tuple[Point, Any]]:
+        """The grants of :meth:`plan_snapshot`, without the count."""
+        with self.plan_snapshot(now, batch=batch) as (_total, points):
+            yield from points
 
     def replan(self, moves: Mapping[int, tuple[Any, datetime]]) -> int:
         """Move planned moments (id -> (as read, new)); a row changed meanwhile (refreshed,
@@ -137,9 +146,9 @@ class Claims(Reads):
             or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)),
         ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
         with self.tx() as conn:
-            conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
-                                for gid, (old, new) in moves.items()])
-        return len(moves)
+            moved = conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
+                                        for gid, (old, new) in moves.items()]).rowcount
+        return max(moved, 0)  # rows changed meanwhile (another replica planned) count not
 
     def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
         """Lease up to ``limit`` due grants to ``owner`` and commit the lease.

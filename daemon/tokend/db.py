@@ -206,16 +206,21 @@ class Database:
             _sqlite_write_lock(engine) if engine.dialect.name == "sqlite" else nullcontext())
 
     @contextmanager
-    def tx(self, *, readonly: bool = False, single: bool = False) -> Iterator[Connection]:
+    def tx(self, *, readonly: bool = False, single: bool = False,
+           snapshot: bool = False) -> Iterator[Connection]:
         """A short transaction. ``single``: the caller runs ONE writing statement, which
         PostgreSQL then runs on its own in autocommit (as durable, and atomic as any
-        single statement is), saving the BEGIN and COMMIT round trips."""
+        single statement is), saving the BEGIN and COMMIT round trips. ``snapshot`` (with
+        ``readonly``): all its statements see the same table (PostgreSQL: REPEATABLE
+        READ; a SQLite read transaction always does)."""
         try:
             with nullcontext() if readonly else self._write_lock, \
                     self.engine.connect() as raw:
                 conn = raw
                 if readonly:
                     conn = raw.execution_options(readonly=True)
+                    if snapshot and self.dialect == "postgresql":
+                        conn = conn.execution_options(isolation_level="REPEATABLE READ")
                 elif single and self.dialect == "postgresql":
                     conn = raw.execution_options(isolation_level="AUTOCOMMIT")
                 with conn.begin():

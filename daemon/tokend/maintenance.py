@@ -166,16 +166,17 @@ class Maintenance:
         moved = 0
         try:
             now = self.store.clock()
-            walk = planner.Walk(now.timestamp(), self.limiter.rate, s.refresh_margin_min,
-                                self.store.plan_count(now))
             moves: dict[int, tuple[Any, datetime]] = {}
-            for point, stored in self.store.plan_points(now):
-                at = walk.step(point)
-                if at is not None:
-                    moves[point.id] = (stored, datetime.fromtimestamp(at, UTC))
-                if len(moves) >= PLAN_WRITE_BATCH:  # written as found: memory stays flat
-                    moved += self.store.replan(moves)
-                    moves.clear()
+            with self.store.plan_snapshot(now) as (total, points):
+                walk = planner.Walk(now.timestamp(), self.limiter.rate,
+                                    s.refresh_margin_min, total)
+                for point, stored in points:
+                    at = walk.step(point)
+                    if at is not None:
+                        moves[point.id] = (stored, datetime.fromtimestamp(at, UTC))
+                    if len(moves) >= PLAN_WRITE_BATCH:  # written as found: flat memory
+                        moved += self.store.replan(moves)
+                        moves.clear()
             moved += self.store.replan(moves)
             capacity = walk.capacity(s.refresh_before)
         except Exception as exc:  # an optimisation: the pass goes on with the last plan
