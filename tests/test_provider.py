@@ -402,6 +402,23 @@ def test_redirect_is_not_followed(server: ScriptedServer, client: ProviderClient
     assert [s.path for s in server.seen] == ["/access_token"]
 
 
+def test_a_redirects_body_is_capped_too(server: ScriptedServer, clock: ManualClock) -> None:
+    """requests' Session.send reads a 3xx answer's whole body before returning it."""
+    import tracemalloc
+
+    server.push(Canned(302, b"x" * 20_000_000, headers={"Location": server.url("/x")}))
+    with ProviderClient(provider_for(server), clock=clock, max_body=1024) as pc:
+        tracemalloc.start()
+        try:
+            with pytest.raises(ProviderError) as info:
+                pc.refresh(client_config(), REFRESH)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert info.value.error == "http_302"
+    assert peak < 2_000_000
+
+
 def test_oversized_success_is_bad_response(server: ScriptedServer, clock: ManualClock) -> None:
     body = dict(TOKEN_BODY, padding="x" * 5000)
     server.push(Canned(body=body), Canned())

@@ -135,6 +135,7 @@ class ProviderClient:
         )
         session.mount("https://", adapter)
         session.mount("http://", adapter)
+        self._adapter = adapter
         session.headers.update({"User-Agent": USER_AGENT, "Accept": "application/json"})
         session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         session.auth = _NoAuth()
@@ -260,9 +261,12 @@ class ProviderClient:
         sent_at = self._clock()
         try:
             request = self._prepare(method, url, body, headers)
-            with self._session.send(
-                request, timeout=self._timeout, verify=self._verify,
-                allow_redirects=False, stream=True, proxies=self._proxies_for(url),
+            # Straight to the adapter: Session.send reads a 3xx answer's whole body
+            # (to follow or release it) before we could cap it at max_body; nothing else
+            # it adds (cookies, hooks, redirects) is wanted here.
+            with self._adapter.send(
+                request, stream=True, timeout=self._timeout, verify=self._verify,
+                proxies=self._proxies_for(url),
             ) as response:
                 body, truncated = self._read(response)
                 return response.status_code, response.headers, body, truncated, sent_at
