@@ -343,7 +343,11 @@ def test_cli_authorize_prints_the_url_on_its_own_line(tmp_path: Path, db_url: st
     resp = requests.get(url, allow_redirects=False, timeout=5)
     requests.get(resp.headers["Location"], timeout=5)
     assert proc.wait(timeout=30) == 0
-    assert "stored grant 1 for user 1234" in (proc.stderr.read() if proc.stderr else "")
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "stored grant 1 for user 1234" in stderr
+    # stdout holds the URL alone (a script reads it); log lines go to stderr
+    assert proc.stdout.read().strip() == ""
+    assert "consent_stored" in stderr
     listing = subprocess.run([sys.executable, "-m", "tokend", "--config", str(path), "grants",
                               "list", "--json"], capture_output=True, text=True, check=True)
     assert [g["user_id"] for g in json.loads(listing.stdout)] == ["1234"]

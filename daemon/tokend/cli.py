@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from . import __version__
+from . import __version__, logs
 from .config import Config, load_config, render
 from .errors import ConfigError, GrantUnreadable, InputError, StoreConflict, TokendError, UsageError
 from .model import Status, UnreadableGrant
@@ -139,7 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         if handler in (_keys_generate, _demo):  # need no configuration
             return handler(args, Config())
-        return handler(args, load_config(args.config))
+        config = load_config(args.config)
+        # Log lines to stderr: stdout is the command's answer (JSON, a consent URL).
+        logs.configure(config.logging)
+        return handler(args, config)
     except TokendError as exc:
         # One line, whatever the message carries (scripts and journald read this).
         print("tokend: " + " ".join(str(exc).splitlines()), file=sys.stderr)

@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -45,9 +45,23 @@ def _maskable(value: Any) -> bool:
     return not (value is None or value == "" or isinstance(value, bool | int | float))
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (a CLI command run in-process,
+    as tests do, must not leave logging bound to a stream that is closed later)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
     """Configure structlog and the stdlib root logger once, at the edge."""
-    stream = stream or sys.stderr
+    stream = stream or cast(TextIO, _Stderr())
     level = getattr(logging, cfg.level.upper())
     fmt = cfg.format
     if fmt == "auto":
