@@ -41,6 +41,7 @@ from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
 SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
+PLAN_EVERY_MOST = 300.0  # seconds: the longest a table goes unplanned
 PLAN_WRITE_BATCH = 1000  # planned moves written per transaction while the walk goes on
 
 
@@ -158,7 +159,8 @@ class Maintenance:
 
     def _plan(self) -> None:
         """The planner's margin and moves (tokend.planner); at most a tenth of the time
-        goes to planning, so a big table is planned less often than every pass."""
+        goes to planning, and a table is planned at most every quarter of
+        refresh_margin_min (5 minutes at most), so not every pass plans."""
         started = time.monotonic()
         if started < self._plan_after:
             return
@@ -183,7 +185,13 @@ class Maintenance:
             log.warning("plan_failed", error=_error_text(exc))
             return
         finally:
-            self._plan_after = time.monotonic() + 9 * (time.monotonic() - started)
+            # A plan reads the whole table, and between two passes little changes: the
+            # next comes after 9 x this one's time (a tenth of the time at most) and not
+            # before a quarter of refresh_margin_min (at most 5 minutes): a wall that an
+            # import makes meanwhile is levelled long before any margin runs out.
+            self._plan_after = time.monotonic() + max(
+                9 * (time.monotonic() - started),
+                min(s.refresh_margin_min.total_seconds() / 4, PLAN_EVERY_MOST))
         if capacity.margin != self.schedule.refresh_before:
             log.warning("refresh_margin_changed", margin_s=capacity.margin.total_seconds(),
                         aim_s=s.refresh_before.total_seconds(),
