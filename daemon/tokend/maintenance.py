@@ -41,7 +41,7 @@ from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
 SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
-PLAN_EVERY_MOST = 300.0  # seconds: the longest a table goes unplanned
+PLAN_EVERY_MOST = 300.0  # seconds: the most the refresh_margin_min rule holds a plan back
 PLAN_WRITE_BATCH = 1000  # planned moves written per transaction while the walk goes on
 
 
