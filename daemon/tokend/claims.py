@@ -77,20 +77,26 @@ class Claims(Reads):
         """
         q = self._select(with_tokens=True).where(
             G.c.next_attempt_at <= now,
-            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+            self._unleased(now))
         if skip:
             q = q.where(G.c.id.not_in(sorted(skip)))
-        q = q.order_by(G.c.next_attempt_at).limit(limit)
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
-        return cast("Select[Any]", q)
+        return cast("Select[Any]", self._locked(q.order_by(G.c.next_attempt_at).limit(limit)))
+
+    def _unleased(self, now: datetime) -> Any:
+        """No lease on the row, or one that ran out (by the lease clock)."""
+        return or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now))
+
+    def _locked(self, q: Any) -> Any:
+        """``q`` locking the rows it reads; on PostgreSQL it skips those another replica
+        is claiming (SQLite has one writer: its write lock does the same)."""
+        return q.with_for_update(skip_locked=True) if self.dialect == "postgresql" else q
 
     def _planned(self, now: datetime) -> Any:
         """The grants the planner sees: maintained, planned, not leased now."""
         return and_(
             G.c.status.in_([s.value for s in ACTIVE]), G.c.next_attempt_at.is_not(None),
             G.c.access_expires_at.is_not(None),
-            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
+            self._unleased(now))
 
     @contextmanager
     def plan_snapshot(self, now: datetime, *, batch: int = 2000,
@@ -143,7 +149,7 @@ class Claims(Reads):
         stmt = update(G).where(
             G.c.id == bindparam("m_id"),
             type_coerce(G.c.next_attempt_at, NullType()) == bindparam("m_old", type_=NullType()),
-            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)),
+            self._unleased(now),
         ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
         with self.tx() as conn:
             moved = conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
@@ -197,15 +203,12 @@ class Claims(Reads):
             q = self._select(with_tokens=True).where(
                 G.c.client == client, G.c.status.in_([s.value for s in ACTIVE]),
                 or_(G.c.next_attempt_at <= now, waiting),
-                or_(G.c.lease_expires_at.is_(None),
-                    G.c.lease_expires_at <= self._lease_now(now)))
+                self._unleased(now))
             skip = self.unreadable
             if skip:
                 q = q.where(G.c.id.not_in(sorted(skip)))
-            q = q.order_by(G.c.access_expires_at.is_(None).desc(), G.c.access_expires_at,
-                           G.c.id).limit(1)
-            if self.dialect == "postgresql":
-                q = q.with_for_update(skip_locked=True)
+            q = self._locked(q.order_by(G.c.access_expires_at.is_(None).desc(),
+                                        G.c.access_expires_at, G.c.id).limit(1))
             with self.tx() as conn:
                 row = conn.execute(q).first()
                 if row is None:
@@ -225,9 +228,8 @@ class Claims(Reads):
         until = now + lease
         q = self._select(with_tokens=True).where(
             G.c.id == grant_id, G.c.status.in_([s.value for s in ACTIVE]),
-            or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now)))
-        if self.dialect == "postgresql":
-            q = q.with_for_update(skip_locked=True)
+            self._unleased(now))
+        q = self._locked(q)
         with self.tx() as conn:
             row = conn.execute(q).first()
             if row is None:
