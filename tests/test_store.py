@@ -114,6 +114,21 @@ def test_claim_leases_and_hides_claimed_grants(store: Store) -> None:
     assert g.next_attempt_at == g.lease_expires_at
 
 
+def test_one_claim_statement_serves_every_clock(store: Store) -> None:
+    """The claim SELECT is built once per batch size (built anew for every claim it cost
+    ~0.5 ms of CPU): the moment is a parameter, so a later claim sees what came due."""
+    store.insert_grants([new(1)], not_due)
+    store.clock = lambda: NOW
+    assert store.claim_due("a", 5, timedelta(minutes=5)) == []
+    template, values = store._claim(NOW, 5, ())
+    later = NOW + timedelta(hours=1, seconds=1)
+    store.clock = lambda: later
+    [claimed] = store.claim_due("a", 5, timedelta(minutes=5))
+    again, later_values = store._claim(later, 5, ())
+    assert again is template and (values, later_values) == ({"c_now": NOW}, {"c_now": later})
+    assert claimed.lease_owner == "a"
+
+
 def test_expired_lease_comes_back_in_doubt(store: Store) -> None:
     store.insert_grants([new(1)], due_now)
     [claimed] = store.claim_due("crashed", 1, timedelta(seconds=-1))  # already expired

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import (
     Float,
@@ -26,6 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import NullType
 
 from .errors import GrantUnreadable, StoreConflict
@@ -75,14 +76,29 @@ class Claims(Reads):
         rows, so its cost does not grow with the table. ``skip``: ids set aside as
         unreadable (filtered during the same walk).
         """
-        q = self._select(with_tokens=True).where(
-            G.c.next_attempt_at <= now,
-            self._unleased(now))
-        if skip:
-            q = q.where(G.c.id.not_in(sorted(skip)))
-        return cast("Select[Any]", self._locked(q.order_by(G.c.next_attempt_at).limit(limit)))
+        template, values = self._claim(now, limit, skip)
+        return template.params(values)
 
-    def _unleased(self, now: datetime) -> Any:
+    def _claim(self, now: datetime, limit: int,
+               skip: Sequence[int]) -> tuple[Select[Any], dict[str, Any]]:
+        """The claim SELECT as a statement built once (per limit) and its values: built
+        anew for every claim it cost ~0.5 ms of CPU (building, then its cache key)."""
+        key = (self.dialect, limit, bool(skip))
+        q = _CLAIM_SELECTS.get(key)
+        if q is None:
+            now_ = bindparam("c_now", type_=G.c.next_attempt_at.type)
+            q = self._select(with_tokens=True).where(G.c.next_attempt_at <= now_,
+                                                     self._unleased(now_))
+            if skip:
+                q = q.where(G.c.id.not_in(bindparam("c_skip", expanding=True)))
+            q = _CLAIM_SELECTS.setdefault(
+                key, self._locked(q.order_by(G.c.next_attempt_at).limit(limit)))
+        values: dict[str, Any] = {"c_now": now}
+        if skip:
+            values["c_skip"] = sorted(skip)
+        return q, values
+
+    def _unleased(self, now: datetime | BindParameter[datetime]) -> Any:
         """No lease on the row, or one that ran out (by the lease clock)."""
         return or_(G.c.lease_expires_at.is_(None), G.c.lease_expires_at <= self._lease_now(now))
 
@@ -177,7 +193,7 @@ class Claims(Reads):
             bad: list[GrantUnreadable] = []
             # Kept short: on SQLite every saving worker waits while a claim holds the lock.
             with self.tx() as conn:
-                rows = conn.execute(self.claim_query(now, limit, list(self.unreadable))).all()
+                rows = conn.execute(*self._claim(now, limit, list(self.unreadable))).all()
                 for r in rows:
                     try:
                         grants.append(self._grant(r, with_tokens=True))
@@ -326,6 +342,7 @@ def _claim_statement(dialect: str) -> Any:
 
 
 _CLAIM_STATEMENTS: dict[str, Any] = {}
+_CLAIM_SELECTS: dict[tuple[str, int, bool], Select[Any]] = {}
 
 
 def _claim_update(dialect: str) -> Any:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     select,
     type_coerce,
 )
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import NullType
 
 from . import logs
@@ -178,10 +179,13 @@ class Reads(Database):
                 return g
         return bad
 
-    def _lease_now(self, now: datetime | None = None) -> Any:
-        """The clock leases are compared with: the database's on PostgreSQL."""
+    def _lease_now(self, now: datetime | BindParameter[datetime] | None = None) -> Any:
+        """The clock leases are compared with: the database's on PostgreSQL, else ``now``
+        (a moment, or the bound parameter of a statement built once)."""
         if self.dialect == "postgresql":
             return func.now()
+        if isinstance(now, BindParameter):
+            return now
         return _at(now if now is not None else self.clock())
 
     # ------------------------------------------------------------------ unreadable rows
