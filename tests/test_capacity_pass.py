@@ -199,3 +199,37 @@ def test_moments_python_cannot_hold_do_not_stop_the_plan(
         assert sum(after[gid] < before[gid] for gid in wall) >= 50
     finally:
         m.close()
+
+
+def test_an_earlier_expiring_due_grant_is_claimed_before_one_a_wall_pulled_ahead(
+        make_config: Callable[..., Config], store_for: Callable[..., Store],
+        fake: FakeJustimmo) -> None:
+    """A wall pulls a later-expiring grant far into the past: the grant expiring earlier,
+    due a moment ago, must still be claimed first (it was left at its own moment, behind
+    the pulled one, and could expire while the queue served the later expiry)."""
+    config = limited(make_config(fake=fake, schedule_extra='refresh_before = "30m"\n'
+                                                    'refresh_margin_min = "5m"'))
+    store = store_for(config)
+    wall = seed(store, config, fake, 60, expires_in=timedelta(minutes=40),
+                life=timedelta(hours=1))
+    [later] = seed(store, config, fake, 1, expires_in=timedelta(minutes=39),
+                   life=timedelta(hours=1))
+    [earlier] = seed(store, config, fake, 1, expires_in=timedelta(minutes=38),
+                     life=timedelta(hours=1))
+    now = datetime.now(UTC)
+    with store.tx() as conn:  # 60 x 0.56 s at 2/s: the wall's plan starts 23 s ago
+        conn.execute(update(G).where(G.c.id.in_(wall)).values(
+            next_attempt_at=now + timedelta(seconds=10)))
+        conn.execute(update(G).where(G.c.id == later).values(
+            next_attempt_at=now + timedelta(seconds=5)))
+        conn.execute(update(G).where(G.c.id == earlier).values(
+            next_attempt_at=now - timedelta(seconds=2)))
+    m = engine(config, store, Metrics())
+    try:
+        m._plan()
+        after = {g.id: at for g in store.iter_grants() if (at := g.next_attempt_at)}
+        assert after[earlier] < after[later] < now
+        [first] = store.claim_due(m.owner, 1, m.lease)
+        assert first.id == earlier
+    finally:
+        m.close()

@@ -97,6 +97,54 @@ def test_level_never_moves_a_grant_later() -> None:
         assert at <= next(r.next_attempt_at for r in table if r.id == gid)  # type: ignore[operator]
 
 
+def _claim_order(table: list[Row], moves: dict[int, datetime], now: datetime) -> list[Row]:
+    """The grants due at ``now`` after the moves, in the order claim_due takes them."""
+    at = {r.id: moves.get(r.id, r.next_attempt_at) for r in table}
+    return sorted((r for r in table if (m := at[r.id]) is not None and m <= now),
+                  key=lambda r: at[r.id])  # type: ignore[arg-type, return-value]
+
+
+H = 3600.0  # one-hour tokens obtained long ago: no move is held back at obtained_at
+
+
+@pytest.mark.parametrize(("case", "table", "first"), [
+    # a wall planned in 20 s pulls the later-expiring grant 3 (planned in 10 s) into the
+    # past, 24 s back: grant 1, due 5 s ago and expiring earlier, must stay ahead of it
+    ("future wall", rows(200, life=H, expiry=300.0, due=20.0, start=10)
+     + rows(1, life=H, expiry=299.0, due=10.0, start=3)
+     + rows(1, life=H, expiry=290.0, due=-5.0, start=1), 1),
+    # the same behind a wall of due grants (an outage backlog, 30 s overdue)
+    ("due wall", rows(200, life=H, expiry=300.0, due=-30.0, start=10)
+     + rows(1, life=H, expiry=299.0, due=10.0, start=3)
+     + rows(1, life=H, expiry=290.0, due=-5.0, start=1), 1),
+    # due grants planned in the reverse of their expiry order (a backlog whose moments
+    # were set by other rules): served earliest expiry first
+    ("reversed backlog", rows(1, life=H, expiry=300.0, due=-100.0, start=3)
+     + rows(1, life=H, expiry=200.0, due=-50.0, start=2)
+     + rows(1, life=H, expiry=100.0, due=-1.0, start=1), 1),
+])
+def test_due_grants_are_claimed_in_expiry_order(case: str, table: list[Row],
+                                                 first: int) -> None:
+    moves = planner.level(table, T0, 5.0)
+    order = _claim_order(table, moves, T0)
+    assert order[0].id == first, case
+    expiries = [r.access_expires_at for r in order]
+    assert expiries == sorted(expiries), case  # type: ignore[type-var]
+    # and the order is written once: planning the moved table again moves nothing
+    moved = [replace(r, next_attempt_at=moves.get(r.id, r.next_attempt_at)) for r in table]
+    assert planner.level(moved, T0, 5.0) == {}, case
+    assert planner.level(moved, T0 + 30 * S, 5.0) == {}, case
+
+
+def test_a_backlog_in_expiry_order_is_not_rewritten() -> None:
+    """Due grants need order, not the pace: a backlog in order (here 0.1 s apart, closer
+    than the pace of 0.22 s) keeps its moments, and so does one planned all at once."""
+    spaced = [Row(i, T0 - H * S, T0 + (100 + i) * S, T0 + (-60 + 0.1 * i) * S)
+              for i in range(1, 300)]
+    assert planner.level(spaced, T0, 5.0) == {}
+    assert planner.level(rows(300, life=H, expiry=100.0, due=-60.0), T0, 5.0) == {}
+
+
 @pytest.mark.parametrize(("table", "ratio_min", "ratio_max"), [
     (rows(150, expiry=60.0), 0.5, 0.6),  # 0.5 x the limit
     (rows(270, expiry=60.0), 0.95, 1.05),  # 0.9 x: needs all of it at the floor
@@ -223,8 +271,9 @@ def test_provider_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) ->
 
 def _oracle(rows: list[Row], now: datetime, limit: float, floor: timedelta,
             ) -> tuple[dict[int, datetime], float]:
-    """The planner as first written, on a whole sorted list (before the streaming walk):
-    the walk must give the same moves and the same needed rate."""
+    """The planner on a whole sorted list (as first written, before the streaming walk,
+    with due grants kept in expiry order since): the walk must give the same moves and
+    the same needed rate."""
     moves: dict[int, datetime] = {}
     if limit > 0:
         pace = timedelta(seconds=1 / (planner.BUDGET * limit))
@@ -236,9 +285,12 @@ def _oracle(rows: list[Row], now: datetime, limit: float, floor: timedelta,
                                                                    following - pace)
             if r.obtained_at is not None:
                 slot = max(slot, r.obtained_at)
-            if r.next_attempt_at > now and r.next_attempt_at - slot >= planner.MOVE_MIN:
+            if r.next_attempt_at - slot >= planner.MOVE_MIN:
                 moves[r.id] = slot
-            following = slot
+            # due: the next must only come before the moment this one has; and the
+            # chain never rises (held back at obtained_at)
+            at = slot if r.next_attempt_at > now else moves.get(r.id, r.next_attempt_at)
+            following = at if following is None else min(following, at)
     lifetimes = [x for x in map(planner.lifetime, rows) if x is not None]
     steady = planner.steady_rate(lifetimes, floor.total_seconds())
     deadlines = sorted(r.access_expires_at - floor for r in rows if r.access_expires_at)
@@ -268,6 +320,26 @@ def test_the_walk_plans_as_the_whole_list_did(seed: int) -> None:
     assert moves.keys() == want_moves.keys()
     assert all(abs((moves[i] - want_moves[i]).total_seconds()) < 1e-3 for i in moves)
     assert capacity.needed == pytest.approx(want_needed, rel=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_second_plan_moves_nothing(seed: int) -> None:
+    """Moves are written once: the table as the first plan left it gives no moves, at
+    the same moment or later (grants come due meanwhile), for any table."""
+    import random
+
+    rnd = random.Random(seed)
+    table = []
+    for i in range(1, rnd.randint(2, 400)):
+        life = rnd.choice([60.0, 3600.0, rnd.uniform(10, 500)])
+        expiry = rnd.uniform(-30, 600)
+        at = expiry - rnd.uniform(0, life)
+        table.append(Row(i, T0 + (expiry - life) * S, T0 + expiry * S, T0 + at * S))
+    limit = rnd.choice([0.5, 5.0, 50.0])
+    moves = planner.level(table, T0, limit)
+    moved = [replace(r, next_attempt_at=moves.get(r.id, r.next_attempt_at)) for r in table]
+    for later in (0.0, 0.5, rnd.uniform(0, 100)):
+        assert planner.level(moved, T0 + later * S, limit) == {}
 
 
 @pytest.mark.parametrize(("seconds", "moment"), [

@@ -11,7 +11,9 @@ Pure functions of the table's rows, ``now`` and the settings:
   grants. Walking the grants from the latest access-token expiry to the earliest, each
   is planned at ``min(its own moment, the next one's - pace)`` ("as late as possible" at
   the limit's pace), so the refreshes a wall needs start early enough, earliest expiry
-  first, and grants that are not part of a wall keep their moment.
+  first, and grants that are not part of a wall keep their moment. Grants already due
+  are kept in expiry order too (moved before a later-expiring grant pulled ahead of
+  them), without the pace: their order is all the queue needs.
 * :class:`Walk` is the one implementation of all three: it takes the grants one at a
   time in that order, so the daemon streams the table through it (a million grants
   never sit in memory at once); the list functions here feed it a sorted list.
@@ -127,7 +129,8 @@ class Walk:
 
     ``total``: how many grants the stream holds (a count taken just before; the k-th
     earliest deadline is the ``total - seen``-th grant of the walk). Each :meth:`step`
-    returns the grant's new planned moment if it moves (see :func:`level`); after the
+    returns the grant's new planned moment if it moves (see :func:`level`: grants due
+    already included, so claims go in expiry order); after the
     last, :meth:`capacity` gives the figures (see :func:`needed_rate`, :func:`margin_for`).
     Lifetimes are kept as a histogram in buckets 0.05 % wide (each bucket's mean): a
     table of a million different lifetimes costs at most ~40,000 entries.
@@ -167,10 +170,16 @@ class Walk:
         if obtained is not None and obtained > slot:
             slot = obtained  # no refresh before the token exists
         slot = max(slot, FIRST_S)  # pulled back from near year 1: due now all the same
-        self._following = slot
-        if self._pace and next_at > self.now and next_at - slot >= MOVE_MIN_S:
-            return slot
-        return None
+        moved = bool(self._pace) and next_at - slot >= MOVE_MIN_S
+        # The grants expiring earlier come a pace before this one's slot or, when it
+        # is due already and keeps its moment, just before that moment: among due
+        # grants only the order matters (claims go in next_attempt_at order, as fast as
+        # the limiter allows), so a backlog in expiry order is not rewritten. The chain
+        # never rises (a slot held back at obtained_at does not lift it). With both, a
+        # second plan of the table this one leaves moves nothing, however late it comes.
+        at = slot if next_at > self.now or moved else next_at
+        self._following = at if self._following is None else min(self._following, at)
+        return slot if moved else None
 
     def lifetimes(self) -> dict[float, int]:
         return {self._sums[key] / n: n for key, n in self._counts.items()}
@@ -209,11 +218,16 @@ def level(rows: Sequence[Row], now: datetime, limit: float) -> dict[int, datetim
     planned closer than the limit's pace (``1 / (BUDGET * limit)``).
 
     Walking the grants from the latest expiry to the earliest, each is planned at
-    ``min(its own moment, the next one's - pace)``. Only grants planned in the future
-    move, and only earlier (never later than their own moment, so a grant is never
-    planned past the margin it was given). A move of less than ``MOVE_MIN`` is left
-    out. A grant that would move into the past is due now, its place in the queue
-    (``next_attempt_at`` order) still by expiry.
+    ``min(its own moment, the next one's - pace)``. Moves are only earlier (never later
+    than a grant's own moment, so a grant is never planned past the margin it was
+    given) and never before the token was obtained; a move of less than ``MOVE_MIN`` is
+    left out. A grant that moves into the past is due now, its place in the queue
+    (``next_attempt_at`` order) still by expiry. A grant already due moves too when a
+    later-expiring one was pulled before it (else the queue would serve the later
+    expiry first), but it needs only to come before that one, not a pace before it:
+    for a due grant the next one's moment is the one it has, so a backlog already in
+    expiry order keeps its moments, and the table one plan leaves gives the next plan
+    no moves, however much later it comes.
     """
     return _walk(rows, now, limit, timedelta(0))[1]
 
