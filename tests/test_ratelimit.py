@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import math
+import random
 import threading
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -244,3 +247,183 @@ def test_priority_callers_go_first_within_the_same_limit() -> None:
     assert order[0][0] == "on-demand", order
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(order)]
     assert min(gaps) >= limiter.interval - 0.01, gaps
+
+
+# ------------------------------------------------ served in turn (virtual time, threads)
+
+
+class VirtualThreads:
+    """Threads that sleep in virtual time and run one at a time, so a run is
+    deterministic: the clock jumps to the earliest wake-up. Threads due at the same
+    moment wake in a seeded random order (``shuffle``; the OS promises no order), or
+    in the order they went to sleep."""
+
+    def __init__(self, seed: int = 0, *, shuffle: bool = True) -> None:
+        self.now = 0.0
+        self._rnd = random.Random(seed)
+        self._shuffle = shuffle
+        self._cond = threading.Condition()
+        self._sleepers: list[tuple[float, float, int, float, threading.Event]] = []
+        self._running = 0
+        self._seq = 0
+        self._threads: list[threading.Thread] = []
+
+    def monotonic(self) -> float:
+        return self.now  # only the one running thread reads or moves it
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        woken = threading.Event()
+        with self._cond:
+            self._park(self.now + seconds, woken)
+            self._running -= 1
+            self._cond.notify_all()
+        woken.wait()
+
+    def _park(self, at: float, woken: threading.Event) -> None:
+        self._seq += 1
+        tie = self._rnd.random() if self._shuffle else 0.0
+        # the same moment to the nanosecond (sums of floats differ in the last bits)
+        heapq.heappush(self._sleepers, (round(at, 9), tie, self._seq, at, woken))
+
+    def spawn(self, fn: Callable[[], None]) -> None:
+        """Start ``fn`` in a thread at the current virtual moment."""
+        woken = threading.Event()
+
+        def run() -> None:
+            woken.wait()
+            try:
+                fn()
+            finally:
+                with self._cond:
+                    self._running -= 1
+                    self._cond.notify_all()
+
+        with self._cond:
+            self._park(self.now, woken)
+        thread = threading.Thread(target=run, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def run(self) -> None:
+        """Until every thread has finished."""
+        while True:
+            with self._cond:
+                assert self._cond.wait_for(lambda: self._running == 0, timeout=10)
+                if not self._sleepers:
+                    break
+                _, _, _, at, woken = heapq.heappop(self._sleepers)
+                self.now = max(self.now, at)
+                self._running = 1
+            woken.set()
+        for thread in self._threads:
+            thread.join(5)
+
+
+def _limiter(vt: VirtualThreads, rate: float = 5.0) -> RateLimiter:
+    return RateLimiter(rate, monotonic=vt.monotonic, sleep=vt.sleep)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_callers_are_served_in_the_order_they_asked(seed: int) -> None:
+    """16 workers, each asking again after some work: every caller is served in its turn
+    (never overtaken by one that asked later), so no wait is longer than the queue it
+    found (on the old code callers raced at each slot and one waited 4 x its turn)."""
+    vt = VirtualThreads(seed)
+    limiter = _limiter(vt)
+    work = random.Random(seed + 100)
+    asked: list[int] = []
+    granted: list[tuple[int, float, float, int]] = []  # ticket, asked at, granted at, ahead
+    waiting: set[int] = set()
+
+    def worker() -> None:
+        for _ in range(12):
+            ticket = len(asked)
+            asked.append(ticket)
+            ahead = len(waiting)
+            waiting.add(ticket)
+            since = vt.now
+            assert limiter.acquire()
+            waiting.discard(ticket)
+            granted.append((ticket, since, vt.now, ahead))
+            vt.sleep(work.uniform(0.0, 2.0))
+
+    for _ in range(16):
+        vt.spawn(worker)
+    vt.run()
+    assert len(granted) == 16 * 12
+    order = [ticket for ticket, *_ in granted]
+    assert order == sorted(order)
+    for _ticket, since, at, ahead in granted:
+        assert at - since <= (ahead + 1) * limiter.interval + 1e-6
+    times = [at for _, _, at, _ in granted]
+    assert max_in_window(times) <= 5
+    assert min(b - a for a, b in itertools.pairwise(times)) >= limiter.interval - 1e-9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_priority_callers_go_first_and_in_turn(seed: int) -> None:
+    vt = VirtualThreads(seed)
+    limiter = _limiter(vt)
+    assert limiter.acquire()  # the slot is taken: everyone below waits
+    order: list[str] = []
+
+    def take(name: str, priority: bool, after: float) -> Callable[[], None]:
+        def run() -> None:
+            vt.sleep(after)
+            assert limiter.acquire(priority=priority)
+            order.append(name)
+        return run
+
+    for i in range(4):
+        vt.spawn(take(f"scheduled-{i}", False, 0.001 * (i + 1)))
+    for i in range(3):
+        vt.spawn(take(f"on-demand-{i}", True, 0.01 + 0.001 * i))
+    vt.run()
+    assert order == ["on-demand-0", "on-demand-1", "on-demand-2",
+                     "scheduled-0", "scheduled-1", "scheduled-2", "scheduled-3"]
+
+
+@pytest.mark.parametrize(("stopped", "served"), [
+    # the second in line stops: the third takes its slot, one interval after the first
+    (("b",), {"a": 1, "c": 2}),
+    # the first stops: the second takes the first slot, the third the next
+    (("a",), {"b": 1, "c": 2}),
+    # the first two stop together: the third is one interval late (its look a turn
+    # early still finds a caller ahead), and no more
+    (("a", "b"), {"c": 2}),
+])
+def test_a_stopped_caller_gives_its_turn_up(stopped: tuple[str, ...],
+                                            served: dict[str, int]) -> None:
+    vt = VirtualThreads(shuffle=False)
+    limiter = _limiter(vt)
+    assert limiter.acquire()  # at 0: the next slot is one interval later
+    stops = {name: threading.Event() for name in "abc"}
+    got: dict[str, float] = {}
+    refused: list[str] = []
+
+    def caller(name: str) -> Callable[[], None]:
+        def run() -> None:
+            vt.sleep(0.001 * (ord(name) - ord("a") + 1))  # a, b, c ask in this order
+            if limiter.acquire(stops[name]):
+                got[name] = vt.now
+            else:
+                refused.append(name)
+        return run
+
+    def stopper() -> None:
+        vt.sleep(limiter.interval / 2)
+        for name in stopped:
+            stops[name].set()
+
+    for name in "abc":
+        vt.spawn(caller(name))
+    vt.spawn(stopper)
+    vt.run()
+    assert sorted(refused) == sorted(stopped)
+    assert got == {name: pytest.approx(k * limiter.interval) for name, k in served.items()}
+    # and the stopped callers hold no place: the next caller comes one interval later
+    later: list[float] = []
+    vt.spawn(lambda: later.append(vt.now) if limiter.acquire() else None)
+    vt.run()
+    assert later == [pytest.approx(max(got.values()) + limiter.interval)]

@@ -19,6 +19,14 @@ that matters is the one the provider sees: requests leave a few milliseconds aft
 slot is granted (thread scheduling, connection setup), and a burst that leaves late
 next to one that leaves on time would put ``2 n`` starts into one second at the other
 end. With even spacing, ``guard`` seconds of such jitter are absorbed.
+
+Callers get their turns in the order they asked (priority callers first, in the order
+they asked): a queue, not a race of threads retrying at each slot, in which a caller
+could lose every race (one of 16 waited 6.4 s for a turn of 1.6 s). Only the first in
+line takes a slot; each caller sleeps until about its turn and looks again a turn
+early, so a caller ahead that stops (it leaves the line) leaves no slot unused; callers
+that stop together leave at most one interval per extra caller to whoever waits behind
+them, once.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 DEFAULT_GUARD = 0.02
@@ -53,7 +62,9 @@ class RateLimiter:
         self._sleep = sleep
         self._lock = threading.Lock()
         self._next: float | None = None  # earliest moment of the next start
-        self._urgent = 0  # priority callers waiting: the others let them go first
+        # Callers waiting, in the order they asked: priority ones are served first.
+        self._urgent: deque[object] = deque()
+        self._queue: deque[object] = deque()
         if rate == 0:
             self.interval = 0.0
         else:
@@ -67,38 +78,57 @@ class RateLimiter:
     def acquire(self, stop: threading.Event | None = None, *, priority: bool = False) -> bool:
         """Block until a request may start; False if ``stop`` is (or gets) set first.
 
-        ``priority`` (an application waits for it: on-demand refreshes): granted before
-        any non-priority caller waiting at the same time, within the same limit.
+        Callers are served in the order they asked (a queue, not a race: with 16
+        threads retrying after each interval, one caller was seen to wait four times
+        its turn). ``priority`` (an application waits for it: on-demand refreshes):
+        served before every non-priority caller waiting at the same time, in the order
+        priority callers asked, within the same limit. A caller stopped while waiting
+        gives its turn up to the callers behind it.
         """
-        if priority and not self.unlimited:
-            with self._lock:
-                self._urgent += 1
-            try:
-                return self._acquire(stop, priority=True)
-            finally:
+        if stop is not None and stop.is_set():
+            return False
+        if self.unlimited:
+            return True
+        me = object()
+        with self._lock:
+            (self._urgent if priority else self._queue).append(me)
+        try:
+            while True:
                 with self._lock:
-                    self._urgent -= 1
-        return self._acquire(stop, priority=False)
-
-    def _acquire(self, stop: threading.Event | None, *, priority: bool) -> bool:
-        while True:
-            if stop is not None and stop.is_set():
-                return False
-            if self.unlimited:
-                return True
-            with self._lock:
-                # Read the clock under the lock: the recorded start must be the moment
-                # the slot was granted, and slots must be granted in clock order.
-                now = self._monotonic()
-                # Compared as "now >= next" rather than "now - last >= interval": then
-                # the wait (next - now) is never rounded down to zero while still early.
-                free = self._next is None or now >= self._next
-                if free and (priority or not self._urgent):
-                    self._next = now + self.interval
+                    # Read the clock under the lock: the recorded start must be the
+                    # moment the slot was granted, and slots granted in clock order.
+                    delay = self._turn(me, self._monotonic())
+                if delay == 0.0:
                     return True
-                # A free slot is left to a waiting priority caller; look again shortly.
-                delay = self.interval / 4 if free else self._next - now  # type: ignore[operator]
-            wait(delay, stop, self._sleep)
+                wait(delay, stop, self._sleep)
+                if stop is not None and stop.is_set():
+                    return False
+        finally:
+            with self._lock:
+                for line in (self._urgent, self._queue):
+                    if me in line:
+                        line.remove(me)
+
+    def _turn(self, me: object, now: float) -> float:
+        """0.0: ``me`` starts now (its slot is recorded); else how long to wait before
+        looking again. Called under the lock."""
+        place = (self._urgent.index(me) if me in self._urgent
+                 else len(self._urgent) + self._queue.index(me))
+        # Compared as "now >= next" rather than "now - last >= interval": then the
+        # wait (next - now) is never rounded down to zero while still early.
+        free_at = now if self._next is None else max(self._next, now)
+        if place == 0:
+            if free_at <= now:
+                (self._urgent if self._urgent and self._urgent[0] is me
+                 else self._queue).popleft()
+                self._next = now + self.interval
+                return 0.0
+            return free_at - now
+        # Wake a turn before its own: if a caller ahead gives its turn up (stopped),
+        # this one is there to take the slot, and no slot goes unused. Waking early
+        # costs one more look; a caller that is not first never takes a slot.
+        delay = free_at - now + (place - 1) * self.interval
+        return delay if delay > 0 else self.interval
 
 
 def wait(delay: float, stop: threading.Event | None,
