@@ -576,6 +576,18 @@ def test_latency_is_applied(fake: FakeJustimmo, http: requests.Session) -> None:
     assert time.monotonic() - began >= 0.1
 
 
+def test_request_times_are_when_requests_arrive(fake: FakeJustimmo,
+                                                http: requests.Session) -> None:
+    """A provider's rate limit counts requests as they arrive: the times the fake keeps
+    (which the benchmarks count per 1-second window) must not include the latency."""
+    fake.set_latency(0.5)
+    began = time.monotonic()
+    token(http, fake, grant_type="client_credentials")
+    assert time.monotonic() - began >= 0.5
+    [arrived] = fake.stats()["request_times"]
+    assert began <= arrived < began + 0.25
+
+
 def test_issue_many_is_fast_and_distinct(fake: FakeJustimmo) -> None:
     began = time.monotonic()
     issued = fake.issue_many(CLIENT, 20_000, user_id_start=10)

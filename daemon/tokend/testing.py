@@ -77,11 +77,12 @@ class RecordingFake(FakeJustimmo):
         super().__init__(**kw)
         self.log: list[TokenRequest] = []
 
-    def _token_request(self, form: Any, authorization: str | None) -> Any:
+    def _token_request(self, form: Any, authorization: str | None, *,
+                       arrived: float | None = None) -> Any:
         with self._lock:
             rec = self._refresh.get(form.get("refresh_token", ""))
             user = rec.user_id if rec is not None else None
-        outcome = super()._token_request(form, authorization)
+        outcome = super()._token_request(form, authorization, arrived=arrived)
         status = outcome.response.status if outcome.response is not None else None
         with self._lock:
             self.log.append(TokenRequest(self._now(), form.get("grant_type", ""), user, status))

@@ -306,8 +306,8 @@ class FakeJustimmo:
                 "last_code_challenge": self._last_challenge[0],
                 "last_code_challenge_method": self._last_challenge[1],
             }
-            if request_times:
-                out["request_times"] = list(self._request_times)
+            if request_times:  # arrival moments, in time order (answers may overtake)
+                out["request_times"] = sorted(self._request_times)
             return out
 
     def reset_stats(self) -> None:
@@ -396,13 +396,16 @@ class FakeJustimmo:
 
     # ------------------------------------------------------------------ endpoints
 
-    def _token_request(self, form: Mapping[str, str], authorization: str | None) -> Outcome:
+    def _token_request(self, form: Mapping[str, str], authorization: str | None, *,
+                       arrived: float | None = None) -> Outcome:
+        """``arrived``: the monotonic moment the request arrived (before any latency),
+        the moment ``request_times`` keeps; now if not given."""
         grant = form.get("grant_type", "")
         with self._lock:
             self._c.token_requests += 1
             self._c.by_grant[grant if grant in GRANT_TYPES else "other"] += 1
             if self._request_times.maxlen:
-                self._request_times.append(time.monotonic())
+                self._request_times.append(time.monotonic() if arrived is None else arrived)
         fault = self._take_fault(grant)
         if fault is None:
             outcome = Outcome(self._process_token(form, authorization))

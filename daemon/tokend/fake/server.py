@@ -114,15 +114,20 @@ class Handler(BaseHTTPRequestHandler):
                 payload = None
             self._send(fake._control(self.command, url.path, payload))
             return
+        # A provider's rate limit counts a request when it arrives, not after the time
+        # it takes to answer: with varying latency, times taken after the sleep put
+        # requests that arrived in different seconds into one.
+        arrived = time.monotonic()
         fake._enter()
         try:
             if fake._latency > 0:
                 time.sleep(fake._latency)
-            self._provider(fake, url.path, url.query, body)
+            self._provider(fake, url.path, url.query, body, arrived)
         finally:
             fake._leave()
 
-    def _provider(self, fake: FakeJustimmo, path: str, query: str, body: bytes) -> None:
+    def _provider(self, fake: FakeJustimmo, path: str, query: str, body: bytes,
+                  arrived: float) -> None:
         auth = self.headers.get("Authorization")
         if path == "/access_token":
             if self.command != "POST":
@@ -131,7 +136,7 @@ class Handler(BaseHTTPRequestHandler):
                 )
                 return
             form = first_values(body.decode("utf-8", "replace"))
-            outcome = fake._token_request(form, auth)
+            outcome = fake._token_request(form, auth, arrived=arrived)
             if outcome.hang > 0:
                 self._srv.wake.wait(outcome.hang)
             if outcome.response is None:
