@@ -91,7 +91,9 @@ def run(sim: Sim, duration: float) -> Result:
         rows = [planner.Row(i + 1, T0 + timedelta(seconds=obtained[i]),
                             T0 + timedelta(seconds=expiry[i]),
                             T0 + timedelta(seconds=due[i])) for i in range(n)]
-        capacity, moves = planner.plan(rows, T0 + timedelta(seconds=now), sim.rate, aim, floor)
+        # planned with what the modelled limiter sends, as the daemon plans
+        capacity, moves = planner.plan(rows, T0 + timedelta(seconds=now), sim.rate, aim,
+                                       floor, sends=sim.rate / (1 + sim.guard))
         if sim.adaptive:
             margin = capacity.margin.total_seconds()
         if sim.levelling and moves:

@@ -75,6 +75,13 @@ def test_a_wall_is_spread_at_the_limits_pace_in_the_store(
         assert all(after[gid] < before[gid] for gid in moved)
         planned = sorted(after[gid] for gid in moved)
         assert min((b - a).total_seconds() for a, b in pairwise(planned)) >= pace - 0.01
+        # planned at the pace the limiter really sends (its guard: 1.96/s in-process,
+        # 1.82/s shared), so the budget is a share of what can be sent...
+        sends = 1 / m.limiter.interval
+        assert min((b - a).total_seconds() for a, b in pairwise(planned)) \
+            >= 1 / (0.9 * sends) - 0.001
+        # ...while the gauge and the capacity show the configured limit
+        assert m.capacity is not None and m.capacity.limit == 2
         assert metrics.registry.get_sample_value("tokend_refresh_rate_limit") == 2
         needed = metrics.registry.get_sample_value("tokend_refresh_rate_needed")
         assert needed is not None and needed > 0

@@ -342,6 +342,27 @@ def test_a_second_plan_moves_nothing(seed: int) -> None:
         assert planner.level(moved, T0 + later * S, limit) == {}
 
 
+@pytest.mark.parametrize(("limit", "sends", "pace", "margin"), [
+    # no guard known: the configured limit
+    (5.0, None, 1 / 4.5, 15),
+    # the in-process limiter (guard 20 ms) sends 4.90/s: 200 / (60 - m) <= 4.41
+    (5.0, 5.0 / 1.02, 1.02 / 4.5, 14),
+    # the shared limiter (guard 100 ms) sends 4.55/s: 200 / (60 - m) <= 4.09 -> 11.1
+    (5.0, 5.0 / 1.1, 1.1 / 4.5, 11),
+])
+def test_the_plan_is_a_share_of_what_the_limiter_sends(
+        limit: float, sends: float | None, pace: float, margin: int) -> None:
+    """BUDGET is a share of what the limiter really sends (its interval carries a
+    guard), not of the configured limit; the capacity still reports the configured one."""
+    table = rows(200, expiry=60.0, due=40.0, obtained=0.0)
+    capacity, moves = planner.plan(table, T0, limit, 20 * S, 6 * S, sends=sends)
+    assert capacity.limit == limit
+    assert abs(capacity.margin.total_seconds() - margin) <= 1
+    ahead = sorted(at for at in moves.values() if at > T0)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(ahead)]
+    assert min(gaps) == pytest.approx(pace, abs=2e-6)  # datetimes hold microseconds
+
+
 @pytest.mark.parametrize(("seconds", "moment"), [
     (0.0, True), (planner.FIRST_S, True), (planner.LAST_S, True),
     (planner.FIRST_S - 1, False), (planner.LAST_S + 1, False),

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
-# Share of the limit the plan fills: the rest is for retries, code exchanges, on-demand
-# refreshes and the rate limiter's guard.
+# Share of what the rate limiter really sends (the limit less its guard, Walk.sends) the
+# plan fills: the rest is for retries, code exchanges and on-demand refreshes.
 BUDGET = 0.9
 ALERT_RATIO = 0.8  # the alert (and describe) warn when the table needs more than this
 MOVE_MIN = timedelta(seconds=1)  # smaller moves are not worth a write
@@ -127,6 +127,11 @@ class Walk:
     """The planner over the maintained grants streamed latest access-token expiry first
     (ties: highest id first), in memory that does not grow with the table.
 
+    ``limit``: the configured rate limit (what :class:`Capacity` reports and the
+    alert compares with); ``sends``: what the rate limiter really sends per second
+    (``1 / interval``: the limit less its guard), the rate the budget and the pace are
+    shares of (``limit`` when not given).
+
     ``total``: how many grants the stream holds (a count taken just before; the k-th
     earliest deadline is the ``total - seen``-th grant of the walk). Each :meth:`step`
     returns the grant's new planned moment if it moves (see :func:`level`: grants due
@@ -136,13 +141,15 @@ class Walk:
     table of a million different lifetimes costs at most ~40,000 entries.
     """
 
-    def __init__(self, now: float, limit: float, floor: timedelta, total: int) -> None:
+    def __init__(self, now: float, limit: float, floor: timedelta, total: int, *,
+                 sends: float | None = None) -> None:
         self.now = now
         self.limit = limit
+        self.sends = limit if sends is None else sends
         self.floor = floor
         self.total = total
         self.grants = 0
-        self._pace = 1 / (BUDGET * limit) if limit > 0 else 0.0
+        self._pace = 1 / (BUDGET * self.sends) if self.sends > 0 else 0.0
         self._floor = floor.total_seconds()
         self._shortest = max(self._floor, 1.0)
         self._following: float | None = None
@@ -189,18 +196,18 @@ class Walk:
 
     def capacity(self, aim: timedelta) -> Capacity:
         return Capacity(limit=self.limit, needed=self.needed(),
-                        margin=margin_for(self.lifetimes(), self.limit, aim, self.floor),
+                        margin=margin_for(self.lifetimes(), self.sends, aim, self.floor),
                         aim=aim, floor=self.floor, grants=self.grants)
 
 
 def _walk(rows: Sequence[Row], now: datetime, limit: float, floor: timedelta,
-          ) -> tuple[Walk, dict[int, datetime]]:
+          sends: float | None = None) -> tuple[Walk, dict[int, datetime]]:
     """A list of rows through :class:`Walk`, in its order."""
     points = sorted((Point(r.id, _epoch(r.obtained_at), r.access_expires_at.timestamp(),
                            _epoch(r.next_attempt_at))
                      for r in rows if r.access_expires_at is not None),
                     key=lambda p: (p.expires, p.id), reverse=True)
-    walk = Walk(now.timestamp(), limit, floor, len(points))
+    walk = Walk(now.timestamp(), limit, floor, len(points), sends=sends)
     moves = {}
     for p in points:
         at = walk.step(p)
@@ -243,9 +250,11 @@ def needed_rate(rows: Sequence[Row], now: datetime, floor: timedelta) -> float:
 
 
 def plan(rows: Sequence[Row], now: datetime, limit: float, aim: timedelta,
-         floor: timedelta) -> tuple[Capacity, dict[int, datetime]]:
-    """The margin to plan with, the table's capacity figures, and the moves to write."""
-    walk, moves = _walk(rows, now, limit, floor)
+         floor: timedelta, *, sends: float | None = None,
+         ) -> tuple[Capacity, dict[int, datetime]]:
+    """The margin to plan with, the table's capacity figures, and the moves to write
+    (``sends``: what the limiter really sends per second, see :class:`Walk`)."""
+    walk, moves = _walk(rows, now, limit, floor, sends)
     return walk.capacity(aim), moves
 
 
