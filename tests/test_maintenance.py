@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from conftest import CLIENT_ID, CLIENT_SECRET
-from tokend.config import Config
-from tokend.errors import StoreError
+from tokend.config import ClientConfig, Config
+from tokend.errors import NotSent, StoreError
 from tokend.fake import FakeJustimmo, IssuedTokens
 from tokend.maintenance import Maintenance
 from tokend.metrics import Metrics
-from tokend.model import Grant, Outcome, Status
+from tokend.model import Grant, Outcome, Status, TokenResponse
 from tokend.provider import ProviderClient
 from tokend.store import Store
 from tokend.testing import seed_grants
@@ -284,6 +284,33 @@ def test_stop_releases_unstarted_grants(env: Env) -> None:
     result = m.run_pass()
     assert result.claimed == 0  # a stopped engine claims nothing
     assert all(g.lease_owner is None for g in env.grants())
+
+
+class StoppedAtTheGate(ProviderClient):
+    """Stopping while a request waited for a new slot at the send gate (tokend.sendgate)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.stop = threading.Event()
+
+    def refresh(self, client: ClientConfig, refresh_token: str) -> TokenResponse:
+        self.stop.set()
+        raise NotSent("stopping")
+
+
+def test_a_request_not_sent_at_the_gate_gives_its_grant_back(env: Env) -> None:
+    env.seed(2)
+    provider = StoppedAtTheGate(env.config.provider)
+    try:
+        result = Maintenance(env.config, env.store, provider, metrics=env.metrics,
+                             stop=provider.stop).run_pass()
+    finally:
+        provider.close()
+    # the first (the client's start-up probe) stops the engine: nothing more is claimed
+    assert (result.claimed, result.skipped, result.failed) == (1, 1, 0)
+    assert env.fake.stats()["token_requests"] == 0
+    assert all(g.lease_owner is None and not g.in_doubt and g.failure_count == 0
+               for g in env.grants())
 
 
 def test_a_wrong_key_leaves_the_grant_alone(env: Env) -> None:

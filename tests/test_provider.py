@@ -21,9 +21,9 @@ from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import pytest
 
-from tokend import __version__
+from tokend import __version__, sendgate
 from tokend.config import ClientConfig, ProviderConfig, Secret
-from tokend.errors import ErrorKind, ProviderError
+from tokend.errors import ErrorKind, NotSent, ProviderError
 from tokend.provider import ProviderClient, basic_auth_header
 from tokend.testing import ManualClock, free_port
 
@@ -680,3 +680,31 @@ def test_constructor_validation() -> None:
         ProviderClient(ProviderConfig(), pool_size=0)
     with pytest.raises(ValueError):
         ProviderClient(ProviderConfig(), max_body=0)
+
+
+def test_a_request_past_its_rate_limit_slot_waits_for_a_new_one_before_it_is_written(
+        server: ScriptedServer, client: ProviderClient) -> None:
+    """The send gate (tokend.sendgate) is checked right before the request is written:
+    past its slot's window it takes a new slot first; stopping meanwhile, nothing is sent."""
+    retakes: list[str] = []
+    missed: list[str] = []
+
+    def retake(ok: bool) -> bool:
+        retakes.append("new slot")
+        if ok:  # the new slot is held, within its window
+            sendgate.hold(sendgate.Held(time.monotonic() + 60, lambda: False,
+                                        lambda: missed.append("again")))
+        return ok
+
+    sendgate.hold(sendgate.Held(time.monotonic() - 0.001, lambda: retake(False),
+                                lambda: missed.append("slot")))
+    with pytest.raises(NotSent):
+        client.refresh(client_config(), REFRESH)
+    assert server.seen == [] and missed == ["slot"] and retakes == ["new slot"]
+
+    server.push(Canned())
+    sendgate.hold(sendgate.Held(time.monotonic() - 0.001, lambda: retake(True),
+                                lambda: missed.append("slot")))
+    assert client.refresh(client_config(), REFRESH).access_token == ACCESS
+    assert len(server.seen) == 1 and missed == ["slot", "slot"]
+    assert retakes == ["new slot", "new slot"]

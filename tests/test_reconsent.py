@@ -273,7 +273,7 @@ def test_authorize_takes_slots_of_the_shared_rate_limit(
     budget all replicas share (table rate_slots), behind the slots others have taken."""
     config = make_config(fake=fake, rate_limit=2)
     store = store_for(config)
-    interval = SharedRateLimiter(store, 2).interval  # 0.55 s
+    interval = SharedRateLimiter(store, 2).interval  # 0.515 s
     with store.tx() as conn:  # other replicas have taken the slots of the next 1.5 s
         taken = conn.execute(text(
             "INSERT INTO rate_slots (name, next_at) "

@@ -33,6 +33,11 @@ class InputError(TokendError):
     """A file or record given to a command is invalid (nothing was written)."""
 
 
+class NotSent(TokendError):
+    """A request was not sent: stopping while it waited for a new slot of the rate limit
+    (its first one had passed, :mod:`tokend.sendgate`). Nothing reached the provider."""
+
+
 class StoreError(TokendError):
     """The grant store failed or holds something it cannot use."""
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import circuit, consent, events, leases, logs, owners, planner, policy, spool, state
 from .config import ClientConfig, Config
-from .errors import DecryptError, ErrorKind, ProviderError, StoreError
+from .errors import DecryptError, ErrorKind, NotSent, ProviderError, StoreError
 from .metrics import Metrics
 from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
@@ -91,7 +91,8 @@ class Maintenance:
         self.stop_event = stop if stop is not None else threading.Event()
         self.clock: Clock = clock or store.clock
         # Shared by all replicas on PostgreSQL (tokend.sharedlimit), per process on SQLite.
-        self.limiter = limiter_for(store, config.provider.rate_limit)
+        self.limiter = limiter_for(store, config.provider.rate_limit,
+                                   on_missed=self.metrics.slot_missed)
         # The schedule with the margin the planner chose (tokend.planner); refresh_before
         # until the first plan.
         self.schedule = config.schedule
@@ -364,6 +365,9 @@ class Maintenance:
         except ProviderError as err:
             self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
             return self._failed(grant, err, self.clock(), client)
+        except NotSent:  # stopping while it waited for a new slot: given back unsent
+            self._release(grant)
+            return AttemptResult.RELEASED
         self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
         return self._succeeded(grant, resp, refresh)
 

@@ -82,6 +82,13 @@ class Metrics:
             "tokend_refresh_rate_limit",
             "provider.rate_limit in requests/s (all replicas together on PostgreSQL; "
             "0: unlimited).", registry=r)
+        # A slot of the shared rate limit its request could not leave within the send
+        # gate's tolerance (tokend.sendgate): unused, the request took a new one.
+        self.slots_missed = Counter(
+            "tokend_rate_slots_missed",
+            "Slots of the shared rate limit left unused: the request would have left too "
+            "late after its slot, or the database's round trip was too slow to place it.",
+            registry=r)
         self.build_info.labels(__version__).set(1)
         self._known_clients: set[str] = set()
         self._lock = threading.Lock()
@@ -127,6 +134,9 @@ class Metrics:
     def capacity(self, needed: float, limit: float) -> None:
         self.rate_needed.set(needed)
         self.rate_limit.set(limit)
+
+    def slot_missed(self) -> None:
+        self.slots_missed.inc()
 
     def notified(self, event: str, outcome: str) -> None:
         self.notifications.labels(event, outcome).inc()

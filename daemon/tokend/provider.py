@@ -36,7 +36,7 @@ import requests.auth
 import urllib3.exceptions
 from urllib3.util.retry import Retry
 
-from . import __version__, pkce
+from . import __version__, pkce, sendgate
 from .classify import (
     GrantKind,
     classify_exception,
@@ -45,7 +45,7 @@ from .classify import (
     parse_user_response,
 )
 from .config import ClientConfig, ProviderConfig
-from .errors import ProviderError
+from .errors import NotSent, ProviderError
 from .model import TokenResponse
 
 USER_AGENT: Final = f"tokend/{__version__}"
@@ -256,11 +256,16 @@ class ProviderClient:
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> tuple[int, Mapping[str, str], bytes, bool, datetime]:
-        """Send once; ``(status, headers, body, truncated, sent_at)`` or ProviderError."""
+        """Send once; ``(status, headers, body, truncated, sent_at)`` or ProviderError
+        (NotSent: stopping, and nothing was sent)."""
         failure: ProviderError
         sent_at = self._clock()
         try:
             request = self._prepare(method, url, body, headers)
+            # The last moment before the request is written: a request too late after
+            # its slot of the shared rate limit takes a new one (tokend.sendgate).
+            if not sendgate.ready():
+                raise NotSent("stopping: the request's slot passed, none taken since")
             # Straight to the adapter: Session.send reads a 3xx answer's whole body
             # (to follow or release it) before we could cap it at max_body; nothing else
             # it adds (cookies, hooks, redirects) is wanted here.

@@ -8,11 +8,25 @@ share)::
 
     next_at := max(next_at, clock_timestamp()) + interval   -- returns the slot's delay
 
-and the process sleeps that delay before it sends. Slots are spaced ``interval`` apart
-exactly as :class:`tokend.ratelimit.RateLimiter` spaces them in one process (the same
-proof holds: any 1-second window holds at most ``floor(rate)`` starts), with a larger
-``guard`` because a slot's start now also carries the spread of the round trip back to
-each replica and of three processes' thread scheduling (docs/capacity.md).
+and the process sleeps that delay before it sends. Slots are spaced at least
+``interval = (1 + guard) / n`` apart (``n = floor(rate)``, as
+:class:`tokend.ratelimit.RateLimiter` computes it), and a request leaves within
+``tolerance`` after its slot began, or not at all (:mod:`tokend.sendgate`: checked right
+before it is written; a late one takes a new slot). The promise holds: take n + 1
+starts and order them by slot, t_0 < ... < t_n; each start s_i lies in
+[t_i, t_i + tolerance + extra_i], where ``extra_i`` is room the slot reserved after
+itself (``interval + extra_i`` to the next slot; 0 unless this process could not place
+its slots closely, see below). Then s_n - s_0 >= t_n - t_0 - tolerance - extra_0
+>= (1 + guard) + extra_0 - tolerance - extra_0 = 1 + guard - tolerance > 1 s, since
+``tolerance < guard``: no 1-second window holds more than ``n`` starts. With guard 30 ms
+and tolerance 15 ms the shared budget sends 4.85/s of 5/s.
+
+A slot is placed in this process's time by the round trip of the very statement that
+took it (its uncertainty; :func:`tokend.sendgate.place`): the request never leaves
+before the slot surely began nor after it surely began + ``tolerance``. When the round
+trip is too long to leave room for that (a slow database), the slot is not used, and
+the next one reserves ``extra`` = max(``UNCERTAIN_EXTRA``, twice that round trip) after
+itself, in which its own lateness fits (logged once: ``rate_slot_clock_uncertain``).
 
 Why not a per-replica share (limit / live replicas)? It is only right once every
 replica has seen the same count: while one joins or dies, the shares overlap and the
@@ -25,17 +39,19 @@ SQLite is one process: it keeps the in-process limiter.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 from sqlalchemy import text
 
-from . import logs
+from . import logs, sendgate
 from .errors import StoreError
 from .ratelimit import RateLimiter, wait
 from .store import Store
 
 log = logs.get("tokend.sharedlimit")
-SHARED_GUARD = 0.1  # seconds of timing spread absorbed between slots of different replicas
+SHARED_GUARD = 0.03  # seconds between slots; must exceed the send gate's tolerance
+UNCERTAIN_EXTRA = 0.1  # seconds reserved after a slot when round trips are too slow
 RETRY = 1.0  # seconds between attempts while the database does not answer
 
 _TAKE = text(
@@ -44,21 +60,34 @@ _TAKE = text(
     "ON CONFLICT (name) DO UPDATE SET next_at = "
     "GREATEST(rate_slots.next_at, clock_timestamp()) + make_interval(secs => :iv) "
     "RETURNING EXTRACT(EPOCH FROM (rate_slots.next_at - clock_timestamp()))::float8 - :iv")
+_BACKLOG = text(
+    "SELECT GREATEST(0, EXTRACT(EPOCH FROM (next_at - clock_timestamp())))::float8 "
+    "FROM rate_slots WHERE name = :name")
 
 
 class SharedRateLimiter:
     """Start limiter shared through the database; the interface of ``RateLimiter``."""
 
     def __init__(self, store: Store, rate: float, *, name: str = "token_endpoint",
-                 guard: float = SHARED_GUARD,
-                 sleep: Callable[[float], None] | None = None) -> None:
+                 guard: float = SHARED_GUARD, tolerance: float = sendgate.TOLERANCE,
+                 sleep: Callable[[float], None] | None = None,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 on_missed: Callable[[], None] | None = None) -> None:
+        if not 0 <= tolerance < guard:
+            # the proof above needs it: n + 1 starts then span more than 1 s
+            raise ValueError(f"tolerance must be >= 0 and below the guard ({guard!r}), "
+                             f"not {tolerance!r}")
         self._spacing = RateLimiter(rate, guard=guard)  # same interval and validation
         self.rate = self._spacing.rate
         self.interval = self._spacing.interval
+        self.tolerance = tolerance
         self._store = store
         self._name = name
         self._sleep = sleep
+        self._monotonic = monotonic
+        self._on_missed = on_missed
         self._failing = threading.Event()
+        self._uncertain_logged = False
 
     @property
     def unlimited(self) -> bool:
@@ -75,14 +104,18 @@ class SharedRateLimiter:
 
         While the database does not answer, no slot is taken and nothing is sent: the
         attempt waits (its lease check afterwards gives it back if it waited too long).
+
+        The slot is held by this thread until its request passes the send gate
+        (:func:`tokend.sendgate.ready`, right before the request is written).
         """
+        extra = 0.0
         while True:
             if stop is not None and stop.is_set():
                 return False
             if self.unlimited:
                 return True
             try:
-                delay = self._take()
+                asked, delay, answered = self._take(self.interval + extra)
             except StoreError as exc:
                 if not self._failing.is_set():
                     self._failing.set()
@@ -91,23 +124,60 @@ class SharedRateLimiter:
                 wait(RETRY, stop, self._sleep)
                 continue
             self._failing.clear()
-            if delay > 0:
-                wait(delay, stop, self._sleep)
+            window = sendgate.place(asked, answered, delay, self.tolerance + extra)
+            if window is None:
+                # Too slow a round trip to know when the slot began closely enough: it
+                # is left unused, and the next one keeps room after itself for that.
+                self._missed()
+                extra = max(UNCERTAIN_EXTRA, 2 * (answered - asked))
+                if not self._uncertain_logged:
+                    self._uncertain_logged = True
+                    log.warning("rate_slot_clock_uncertain",
+                                round_trip_ms=round((answered - asked) * 1000, 1),
+                                tolerance_ms=round(self.tolerance * 1000, 1),
+                                detail="slot left unused; slots taken after a slow round "
+                                       "trip reserve room for it (lower throughput)")
+                continue
+            ahead = window.earliest - self._monotonic()
+            if ahead > 0:
+                wait(ahead, stop, self._sleep)
             # A stop while waiting for a future slot: not sent (the slot stays unused).
             # Sending anyway would put every waiting worker's request into one moment.
-            return stop is None or not stop.is_set()
+            if stop is not None and stop.is_set():
+                return False
+            sendgate.hold(sendgate.Held(
+                window.latest, lambda: self.acquire(stop, priority=priority), self._missed))
+            return True
 
-    def _take(self) -> float:
-        with self._store.tx(single=True) as conn:
-            value = conn.execute(_TAKE, {"name": self._name, "iv": self.interval}).scalar()
+    def backlog(self) -> float:
+        """Seconds until the next free slot, by the database's clock: how far ahead the
+        slots of all replicas are taken (0 when none is)."""
+        with self._store.tx(readonly=True) as conn:
+            value = conn.execute(_BACKLOG, {"name": self._name}).scalar()
         return float(value or 0.0)
+
+    def _missed(self) -> None:
+        if self._on_missed is not None:
+            self._on_missed()
+
+    def _take(self, interval: float) -> tuple[float, float, float]:
+        """``(asked, delay, answered)``: the slot's delay from the database's reading of
+        its clock, and the monotonic times around the one round trip that read it (not
+        the connection's checkout, which can take a new connection's setup)."""
+        with self._store.tx(single=True) as conn:
+            asked = self._monotonic()
+            value = conn.execute(_TAKE, {"name": self._name, "iv": interval}).scalar()
+            answered = self._monotonic()
+        return asked, float(value or 0.0), answered
 
 
 Limiter = RateLimiter | SharedRateLimiter
 
 
-def limiter_for(store: Store, rate: float) -> Limiter:
-    """The limiter of a process: shared on PostgreSQL, in-process on SQLite."""
+def limiter_for(store: Store, rate: float, *,
+                on_missed: Callable[[], None] | None = None) -> Limiter:
+    """The limiter of a process: shared on PostgreSQL, in-process on SQLite.
+    ``on_missed``: called for each shared slot left unused (the send gate)."""
     if store.dialect == "postgresql" and rate > 0:
-        return SharedRateLimiter(store, rate)
+        return SharedRateLimiter(store, rate, on_missed=on_missed)
     return RateLimiter(rate)
