@@ -14,7 +14,7 @@ from tokend import planner, policy
 from tokend.config import ScheduleConfig
 from tokend.durations import Duration
 from tokend.model import Grant, Status
-from tokend.planner import Row
+from tokend.planner import Row, claim_now
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import itertools
@@ -384,3 +384,48 @@ def test_a_move_pulled_back_past_year_one_stays_a_datetime() -> None:
         at = walk.step(planner.Point(gid, None, now + 3600, now + 1800))
         assert at == planner.FIRST_S
         datetime.fromtimestamp(at, UTC)
+
+
+@pytest.mark.parametrize(("kw", "claim"), [
+    # no rate limit: a full batch whenever there is room for one
+    ({"in_flight": 0, "most": 31, "batch": 16, "workers": 8}, 16),
+    ({"in_flight": 16, "most": 31, "batch": 16, "workers": 8}, 0),
+    ({"in_flight": 15, "most": 31, "batch": 16, "workers": 8}, 16),
+    # one process's limiter (backlog 0): at most rate x wait claimed ahead
+    ({"in_flight": 0, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 7),
+    # less than a batch, but a worker would idle otherwise
+    ({"in_flight": 5, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 2),
+    ({"in_flight": 7, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 0),
+    ({"in_flight": 4, "most": 31, "batch": 16, "workers": 4, "rate": 100, "wait": 1.5}, 16),
+    # shared: the slots all replicas have taken come first
+    ({"in_flight": 0, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5,
+      "backlog": 1.0}, 2),
+    ({"in_flight": 0, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5,
+      "backlog": 1.4}, 0),
+    ({"in_flight": 0, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5,
+      "backlog": 4.3}, 0),
+    # ...and this process's claims that hold no slot yet
+    ({"in_flight": 9, "most": 30, "batch": 16, "workers": 8, "rate": 10, "wait": 1.5,
+      "backlog": 0.5, "ahead": 1}, 0),
+    ({"in_flight": 3, "most": 30, "batch": 16, "workers": 4, "rate": 10, "wait": 1.5,
+      "backlog": 0.5, "ahead": 0}, 10),
+    ({"in_flight": 3, "most": 30, "batch": 16, "workers": 4, "rate": 10, "wait": 1.5,
+      "backlog": 0.5, "ahead": 4}, 6),
+])
+def test_claim_now(kw: dict[str, float], claim: int) -> None:
+    assert claim_now(**kw) == claim  # type: ignore[arg-type]
+
+
+def test_replicas_claiming_in_turn_queue_no_more_than_the_shared_budget_sends_in_wait() -> None:
+    """Three replicas, 8 workers each, whose claims take slots at once: their queue
+    together stays within rate x wait (each bounding only its own: three times that)."""
+    rate, wait = 5.0, 1.5
+    backlog, claimed = 0.0, [0, 0, 0]
+    for _ in range(5):
+        for i in range(3):
+            n = claim_now(in_flight=claimed[i], most=7, batch=16, workers=8, rate=rate,
+                          wait=wait, backlog=backlog)
+            claimed[i] += n
+            backlog += n / rate
+    assert sum(claimed) <= rate * wait
+    assert sum(claimed) == int(rate * wait)

@@ -36,7 +36,7 @@ from .errors import DecryptError, ErrorKind, NotSent, ProviderError, StoreError
 from .metrics import Metrics
 from .model import AttemptResult, Grant, GrantType, Outcome, Status, TokenResponse
 from .provider import ProviderClient
-from .sharedlimit import limiter_for
+from .sharedlimit import SharedRateLimiter, limiter_for
 from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
@@ -221,15 +221,18 @@ class Maintenance:
         # claim (the next batch is claimed while `concurrency` more are still queued
         # behind the running ones), few enough that leases stay short...
         most = 2 * concurrency + batch - 1
+        rate = wait = backlog = 0.0
         if not self.limiter.unlimited:
             # ...also at the rate limiter's pace: the last one claimed must start well
             # within its lease, or another replica may take it over and spend its token;
             # and a grant due now must not queue behind claims longer than a quarter of
             # the smallest margin (tokend.planner: its token could expire meanwhile).
+            # Shared by replicas, that queue is all of theirs (planner.claim_now).
+            rate = self.limiter.rate
             wait = min(self.lease.total_seconds() / 2,
                        self.config.schedule.refresh_margin_min.total_seconds() / 4)
-            fit = int(self.limiter.rate * wait)
-            most = max(1, min(most, fit))
+            most = max(1, min(most, int(rate * wait)))
+        shared = self.limiter if isinstance(self.limiter, SharedRateLimiter) else None
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
         finished: queue.SimpleQueue[Future[AttemptResult]] = queue.SimpleQueue()
@@ -237,11 +240,22 @@ class Maintenance:
         exhausted = False
         try:
             while True:
-                while (not exhausted and not self.stop_event.is_set()
-                       and most - in_flight >= min(batch, most)):
+                held_back = False
+                while not exhausted and not self.stop_event.is_set():
+                    n = planner.claim_now(in_flight=in_flight, most=most, batch=batch,
+                                          workers=concurrency)
+                    if n and shared is not None:
+                        # Ours that hold slots are in the backlog; the queued ones not.
+                        backlog = shared.backlog()
+                        n = planner.claim_now(
+                            in_flight=in_flight, most=most, batch=batch,
+                            workers=concurrency, rate=rate, wait=wait, backlog=backlog,
+                            ahead=max(0, in_flight - concurrency))
+                        held_back = not n
+                    if not n:
+                        break
                     claimed_at = time.monotonic()  # before the lease starts: conservative
-                    claims = self.store.claim_due(self.owner, min(batch, most - in_flight),
-                                                  self.lease)
+                    claims = self.store.claim_due(self.owner, n, self.lease)
                     result.claimed += len(claims)
                     exhausted = not claims
                     for grant in claims:
@@ -249,7 +263,12 @@ class Maintenance:
                             finished.put)
                         in_flight += 1
                 if not in_flight:
-                    break
+                    if not held_back:
+                        break
+                    # Other replicas' slots fill the next `wait`: look again when a
+                    # claim would fit (within a second).
+                    self.stop_event.wait(min(1.0, max(backlog - wait, 1 / rate)))
+                    continue
                 try:
                     fut = finished.get(timeout=1.0)
                 except queue.Empty:

@@ -258,6 +258,30 @@ def plan(rows: Sequence[Row], now: datetime, limit: float, aim: timedelta,
     return walk.capacity(aim), moves
 
 
+def claim_now(*, in_flight: int, most: int, batch: int, workers: int, rate: float = 0.0,
+              wait: float = 0.0, backlog: float = 0.0, ahead: int = 0) -> int:
+    """How many due grants to claim now (0: none for now).
+
+    ``most``: claimed but unfinished attempts this process keeps at most (its worker
+    pool's queue, already no more than ``rate * wait``); ``batch``: the most one claim
+    takes. With a rate limit (``rate`` > 0, all replicas together), a grant claimed now
+    must start within ``wait`` seconds: after the ``backlog`` (seconds of slots already
+    taken, by all replicas: on PostgreSQL the shared slot row says how far ahead they
+    are) and after ``ahead`` claims of this process that hold no slot yet. Each replica
+    bounding only its own queue by ``rate * wait`` would let N replicas queue N times
+    what the shared budget sends in ``wait``.
+
+    A claim smaller than a batch is only made while a worker would otherwise idle
+    (``in_flight < workers``): fewer claim round trips, and no worker waits for one.
+    """
+    n = min(batch, most - in_flight)
+    if rate > 0:
+        n = min(n, math.floor(rate * (wait - backlog)) - ahead)
+    if n <= 0:
+        return 0
+    return n if n >= min(batch, most) or in_flight < workers else 0
+
+
 def describe(c: Capacity) -> str:
     """Capacity in words (one line per fact), for ``tokend status``."""
     if c.limit <= 0:
