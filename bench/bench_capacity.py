@@ -165,14 +165,20 @@ def run_replicas(duration: float) -> dict[str, Any]:
     with workdir("cap3") as wd, Fake(access_ttl=LIFETIME, latency=0.01) as fake, \
             database("postgresql", "capacity", wd) as url:
         cfg = config_for(wd, url, fake, None)
-        expiry = seed(cfg, fake, n)
-        fake.reset_stats()
+        open_bench_store(load(cfg)).close()  # the schema, before the replicas start
         logs = [wd / f"replica{i}.log" for i in range(3)]
         procs = []
         for log in logs:
             with open(log, "w") as out:
                 procs.append(subprocess.Popen(tokend_cmd(cfg, "run"), stdout=out,
                                               stderr=subprocess.STDOUT))
+        # the import comes while all three run, as in production: they see it together
+        started_by = time.monotonic() + 30
+        while time.monotonic() < started_by and not all(  # each has made a first pass
+                '"pass_done"' in log.read_text(errors="replace") for log in logs):
+            time.sleep(0.2)
+        expiry = seed(cfg, fake, n)
+        fake.reset_stats()
         time.sleep(duration)
         end = utcnow()
         for p in procs:
