@@ -391,9 +391,10 @@ def test_a_move_pulled_back_past_year_one_stays_a_datetime() -> None:
     ({"in_flight": 0, "most": 31, "batch": 16, "workers": 8}, 16),
     ({"in_flight": 16, "most": 31, "batch": 16, "workers": 8}, 0),
     ({"in_flight": 15, "most": 31, "batch": 16, "workers": 8}, 16),
-    # one process's limiter (backlog 0): at most rate x wait claimed ahead
-    ({"in_flight": 0, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 7),
-    # less than a batch, but a worker would idle otherwise
+    # one process's limiter (backlog 0): at most rate x wait claimed ahead, whole
+    ({"in_flight": 0, "most": 7, "batch": 16, "rate": 5, "wait": 1.5}, 7),
+    ({"in_flight": 5, "most": 7, "batch": 16, "rate": 5, "wait": 1.5}, 0),
+    # shared: less than a batch, but a worker would idle otherwise
     ({"in_flight": 5, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 2),
     ({"in_flight": 7, "most": 7, "batch": 16, "workers": 8, "rate": 5, "wait": 1.5}, 0),
     ({"in_flight": 4, "most": 31, "batch": 16, "workers": 4, "rate": 100, "wait": 1.5}, 16),

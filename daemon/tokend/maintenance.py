@@ -233,6 +233,7 @@ class Maintenance:
                        self.config.schedule.refresh_margin_min.total_seconds() / 4)
             most = max(1, min(most, int(rate * wait)))
         shared = self.limiter if isinstance(self.limiter, SharedRateLimiter) else None
+        workers = concurrency if shared is not None else 0  # planner.claim_now
         # Finished attempts report here: the loop wakes once per finished attempt, in
         # O(1) (``concurrent.futures.wait`` re-registers a waiter on every pending future).
         finished: queue.SimpleQueue[Future[AttemptResult]] = queue.SimpleQueue()
@@ -243,13 +244,13 @@ class Maintenance:
                 held_back = False
                 while not exhausted and not self.stop_event.is_set():
                     n = planner.claim_now(in_flight=in_flight, most=most, batch=batch,
-                                          workers=concurrency)
+                                          workers=workers)
                     if n and shared is not None:
                         # Ours that hold slots are in the backlog; the queued ones not.
                         backlog = shared.backlog()
                         n = planner.claim_now(
                             in_flight=in_flight, most=most, batch=batch,
-                            workers=concurrency, rate=rate, wait=wait, backlog=backlog,
+                            workers=workers, rate=rate, wait=wait, backlog=backlog,
                             ahead=max(0, in_flight - concurrency))
                         held_back = not n
                     if not n:

@@ -258,8 +258,9 @@ def plan(rows: Sequence[Row], now: datetime, limit: float, aim: timedelta,
     return walk.capacity(aim), moves
 
 
-def claim_now(*, in_flight: int, most: int, batch: int, workers: int, rate: float = 0.0,
-              wait: float = 0.0, backlog: float = 0.0, ahead: int = 0) -> int:
+def claim_now(*, in_flight: int, most: int, batch: int, workers: int = 0,
+              rate: float = 0.0, wait: float = 0.0, backlog: float = 0.0,
+              ahead: int = 0) -> int:
     """How many due grants to claim now (0: none for now).
 
     ``most``: claimed but unfinished attempts this process keeps at most (its worker
@@ -272,7 +273,10 @@ def claim_now(*, in_flight: int, most: int, batch: int, workers: int, rate: floa
     what the shared budget sends in ``wait``.
 
     A claim smaller than a batch is only made while a worker would otherwise idle
-    (``in_flight < workers``): fewer claim round trips, and no worker waits for one.
+    (``in_flight < workers``; ``workers`` 0: never): fewer claim round trips, and no
+    worker waits for one. Only for the shared limiter, whose slots are handed out in
+    the order they are asked for: the in-process one is not first come first served,
+    and grants claimed one by one behind a waiting queue could overtake it.
     """
     n = min(batch, most - in_flight)
     if rate > 0:
