@@ -14,7 +14,7 @@ import pytest
 from tokend import sendgate
 from tokend.metrics import Metrics
 from tokend.sendgate import TOLERANCE, Window, place
-from tokend.sharedlimit import SHARED_GUARD, UNCERTAIN_EXTRA, SharedRateLimiter
+from tokend.sharedlimit import SHARED_GUARD, UNCERTAIN_FACTOR, SharedRateLimiter
 from tokend.store import Store
 
 
@@ -144,10 +144,10 @@ def test_a_slot_too_slow_to_place_is_not_used_and_the_next_keeps_room_for_it(
     (_unused, first_iv), (used, second_iv) = limiter.taken
     assert first_iv == limiter.interval
     # its lateness fits in the room it keeps after itself (the docstring's extra)
-    assert second_iv >= limiter.interval + max(UNCERTAIN_EXTRA, 2 * 0.040)
+    assert second_iv == pytest.approx(limiter.interval + UNCERTAIN_FACTOR * 0.040)
     assert clock.now >= used
     assert missed(metrics) == 1
-    clock.now = used + TOLERANCE + max(UNCERTAIN_EXTRA, 0.08) - 0.002
+    clock.now = used + TOLERANCE + UNCERTAIN_FACTOR * 0.040 - 0.002
     assert sendgate.ready(clock.monotonic)  # within tolerance + extra
     assert len(limiter.taken) == 2
 

@@ -25,8 +25,9 @@ A slot is placed in this process's time by the round trip of the very statement 
 took it (its uncertainty; :func:`tokend.sendgate.place`): the request never leaves
 before the slot surely began nor after it surely began + ``tolerance``. When the round
 trip is too long to leave room for that (a slow database), the slot is not used, and
-the next one reserves ``extra`` = max(``UNCERTAIN_EXTRA``, twice that round trip) after
-itself, in which its own lateness fits (logged once: ``rate_slot_clock_uncertain``).
+the next one reserves ``extra`` = twice that round trip after itself, and may leave up
+to ``tolerance + extra`` after it began (logged once: ``rate_slot_clock_uncertain``).
+Its window is checked like any other; a round trip slower again repeats this.
 
 Why not a per-replica share (limit / live replicas)? It is only right once every
 replica has seen the same count: while one joins or dies, the shares overlap and the
@@ -51,7 +52,7 @@ from .store import Store
 
 log = logs.get("tokend.sharedlimit")
 SHARED_GUARD = 0.03  # seconds between slots; must exceed the send gate's tolerance
-UNCERTAIN_EXTRA = 0.1  # seconds reserved after a slot when round trips are too slow
+UNCERTAIN_FACTOR = 2.0  # x the slow round trip: room reserved after the next slot
 RETRY = 1.0  # seconds between attempts while the database does not answer
 
 _TAKE = text(
@@ -129,7 +130,7 @@ class SharedRateLimiter:
                 # Too slow a round trip to know when the slot began closely enough: it
                 # is left unused, and the next one keeps room after itself for that.
                 self._missed()
-                extra = max(UNCERTAIN_EXTRA, 2 * (answered - asked))
+                extra = UNCERTAIN_FACTOR * (answered - asked)
                 if not self._uncertain_logged:
                     self._uncertain_logged = True
                     log.warning("rate_slot_clock_uncertain",
