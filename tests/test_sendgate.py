@@ -152,5 +152,33 @@ def test_a_slot_too_slow_to_place_is_not_used_and_the_next_keeps_room_for_it(
     assert len(limiter.taken) == 2
 
 
+def test_a_process_takes_one_slot_at_a_time() -> None:
+    """All workers of a process take their slots at once when grants come due together:
+    one at a time, each round trip measures the database, not the other workers'."""
+    clock, metrics = FakeTime(), Metrics()
+    inside: list[int] = []
+    overlapped = threading.Event()
+
+    class Busy(Slots):
+        def _take(self, interval: float) -> tuple[float, float, float]:
+            inside.append(1)
+            if len(inside) > 1:
+                overlapped.set()
+            overlapped.wait(0.02)  # long enough for another worker to come in
+            try:
+                return super()._take(interval)
+            finally:
+                inside.pop()
+
+    limiter = Busy(clock, 5, metrics=metrics)
+    workers = [threading.Thread(target=limiter.acquire) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not overlapped.is_set()
+    assert len(limiter.taken) == 4
+
+
 def test_no_slot_held_passes_the_gate() -> None:
     assert sendgate.ready(lambda: 1e12)

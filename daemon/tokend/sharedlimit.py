@@ -89,6 +89,10 @@ class SharedRateLimiter:
         self._on_missed = on_missed
         self._failing = threading.Event()
         self._uncertain_logged = False
+        # One take at a time per process: a round trip then measures the database, not
+        # this process's other workers taking theirs at the same moment (all of them
+        # do when grants come due together), which would make it too long to place.
+        self._take_lock = threading.Lock()
 
     @property
     def unlimited(self) -> bool:
@@ -116,7 +120,8 @@ class SharedRateLimiter:
             if self.unlimited:
                 return True
             try:
-                asked, delay, answered = self._take(self.interval + extra)
+                with self._take_lock:
+                    asked, delay, answered = self._take(self.interval + extra)
             except StoreError as exc:
                 if not self._failing.is_set():
                     self._failing.set()
