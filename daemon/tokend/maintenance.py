@@ -210,7 +210,7 @@ class Maintenance:
 
     def _sends(self) -> float:
         """Requests/s the limiter really sends (its interval carries a guard: 4.90/s of
-        5/s in-process, 4.55/s shared): the plan's budget is a share of this, not of the
+        5/s in-process, 4.85/s shared): the plan's budget is a share of this, not of the
         configured limit, which the gauge and the alert keep showing."""
         return 0.0 if self.limiter.unlimited else 1 / self.limiter.interval
 
