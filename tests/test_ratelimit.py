@@ -427,3 +427,75 @@ def test_a_stopped_caller_gives_its_turn_up(stopped: tuple[str, ...],
     vt.spawn(lambda: later.append(vt.now) if limiter.acquire() else None)
     vt.run()
     assert later == [pytest.approx(max(got.values()) + limiter.interval)]
+
+
+class LateSleeper(FakeTime):
+    """Every sleep overshoots by a lateness drawn from ``late`` (a thread woken late)."""
+
+    def __init__(self, late: Callable[[], float]) -> None:
+        super().__init__()
+        self._late = late
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds + self._late())
+
+
+@pytest.mark.parametrize(("lateness", "slots_from"), [
+    (0.005, "the slot before"),  # within the tolerance: the slot began on time
+    (0.015, "the slot before"),  # at the tolerance
+    (0.040, "the grant"),  # beyond: a new slot begins when the caller gets it
+])
+def test_a_caller_woken_late_does_not_push_later_slots_back(lateness: float,
+                                                            slots_from: str) -> None:
+    from tokend import sendgate
+
+    clock = LateSleeper(lambda: lateness)
+    limiter = RateLimiter(5, monotonic=clock.monotonic, sleep=clock.sleep)
+    grants = []
+    for _ in range(4):
+        assert limiter.acquire()
+        grants.append(clock.last_read())
+    iv = limiter.interval
+    assert limiter.tolerance == sendgate.TOLERANCE < DEFAULT_GUARD
+    if slots_from == "the slot before":
+        # Each woke `lateness` after its slot; the slots stay iv apart all the same.
+        assert [round(g - grants[0], 9) for g in grants] == \
+            [round(i * iv + (lateness if i else 0), 9) for i in range(4)]
+    else:
+        assert [round(b - a, 9) for a, b in itertools.pairwise(grants)] == \
+            [round(iv + lateness, 9)] * 3
+
+
+@given(seed=st.integers(0, 10_000), rate=st.sampled_from([1, 5, 10, 100]))
+@settings(max_examples=40, deadline=None)
+def test_late_wake_ups_never_put_more_than_the_rate_into_a_second(seed: int,
+                                                                   rate: int) -> None:
+    """Whatever the lateness, a start lies within the tolerance after its slot (a later
+    one is a new slot), slots are an interval apart: any window holds <= rate starts."""
+    rng = random.Random(seed)
+    clock = LateSleeper(lambda: rng.choice([0.0, 0.0, 0.003, 0.014, 0.015, 0.03, 0.2]))
+    limiter = RateLimiter(rate, monotonic=clock.monotonic, sleep=clock.sleep)
+    times = []
+    for _ in range(rate * 6):
+        assert limiter.acquire()
+        times.append(clock.last_read())
+    assert max_in_window(times) <= rate
+
+
+def test_a_request_later_than_its_slot_allows_takes_a_new_one() -> None:
+    """The slot is spent at the send gate: a request that reaches it more than the
+    tolerance after its slot began is not sent on it, it takes a new slot (counted)."""
+    from tokend import sendgate
+
+    clock = FakeTime()
+    missed: list[int] = []
+    limiter = RateLimiter(5, monotonic=clock.monotonic, sleep=clock.sleep,
+                          on_missed=lambda: missed.append(1))
+    assert limiter.acquire()
+    assert sendgate.ready(clock.monotonic)  # on time: sent on its slot
+    assert limiter.acquire()
+    slot = clock.now
+    clock.now += limiter.tolerance + 0.001  # e.g. the lease check took that long
+    assert sendgate.ready(clock.monotonic)  # sent, but on a new slot:
+    assert missed == [1]
+    assert clock.now == pytest.approx(slot + limiter.interval)

@@ -209,8 +209,8 @@ class Maintenance:
             log.info("refreshes_spread", moved=moved)
 
     def _sends(self) -> float:
-        """Requests/s the limiter really sends (its interval carries a guard: 4.90/s of
-        5/s in-process, 4.85/s shared): the plan's budget is a share of this, not of the
+        """Requests/s the limiter really sends (its interval carries a guard: 4.85/s of
+        5/s, in-process or shared): the plan's budget is a share of this, not of the
         configured limit, which the gauge and the alert keep showing."""
         return 0.0 if self.limiter.unlimited else 1 / self.limiter.interval
 

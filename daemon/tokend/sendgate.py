@@ -1,7 +1,8 @@
-"""The send gate: a request leaves within ``tolerance`` of its shared slot, or not at all.
+"""The send gate: a request leaves within ``tolerance`` of its slot, or not at all.
 
-The shared limiter (:mod:`tokend.sharedlimit`) hands out slots by the database's clock.
-What the provider counts is when a request arrives, and a request can leave late after
+Both limiters hand out slots: the shared one (:mod:`tokend.sharedlimit`) by the
+database's clock, the in-process one (:mod:`tokend.ratelimit`, SQLite) by this
+process's. What the provider counts is when a request arrives, and a request can leave late after
 its slot: its worker thread is scheduled late (2 cores, several processes), or woke late
 from its wait. Rather than a guard between slots wide enough for any such delay, the
 lateness is bounded where it happens: right before the request is written to the
@@ -9,7 +10,7 @@ socket, it is sent only if that moment is at most ``tolerance`` after its slot b
 A request later than that is not sent; it takes a new slot (the old one stays unused,
 which only ever lowers the rate) and is checked again.
 
-Placing a slot in this process's time (``place``): the slot's delay is read by the
+Placing a shared slot in this process's time (``place``): the slot's delay is read by the
 database at some moment between our sending the statement (``asked``) and reading its
 answer (``answered``), so the slot began between ``asked + delay`` and
 ``answered + delay``. The request waits until the later bound (never early), and may
@@ -20,7 +21,7 @@ uncertainty after its next slot).
 
 The slot a thread holds is thread-local: the limiter's ``acquire`` holds it, the
 provider client's ``ready`` (right before the write) spends it. A thread without one
-(SQLite's in-process limiter, no limit) passes the gate.
+(no rate limit) passes the gate.
 """
 
 from __future__ import annotations

@@ -47,11 +47,11 @@ from sqlalchemy import text
 
 from . import logs, sendgate
 from .errors import StoreError
-from .ratelimit import RateLimiter, wait
+from .ratelimit import DEFAULT_GUARD, RateLimiter, wait
 from .store import Store
 
 log = logs.get("tokend.sharedlimit")
-SHARED_GUARD = 0.03  # seconds between slots; must exceed the send gate's tolerance
+SHARED_GUARD = DEFAULT_GUARD  # one slot rule for both limiters (30 ms; above the tolerance)
 UNCERTAIN_FACTOR = 2.0  # x the slow round trip: room reserved after the next slot
 RETRY = 1.0  # seconds between attempts while the database does not answer
 
@@ -183,7 +183,7 @@ Limiter = RateLimiter | SharedRateLimiter
 def limiter_for(store: Store, rate: float, *,
                 on_missed: Callable[[], None] | None = None) -> Limiter:
     """The limiter of a process: shared on PostgreSQL, in-process on SQLite.
-    ``on_missed``: called for each shared slot left unused (the send gate)."""
+    ``on_missed``: called for each slot left unused (the send gate)."""
     if store.dialect == "postgresql" and rate > 0:
         return SharedRateLimiter(store, rate, on_missed=on_missed)
-    return RateLimiter(rate)
+    return RateLimiter(rate, on_missed=on_missed)
