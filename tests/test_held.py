@@ -9,7 +9,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from conftest import CLIENT_ID
+from faultlib import wait_until
 from test_maintenance import Env
 from tokend import logs
 from tokend.config import Config, Secret
@@ -27,7 +28,7 @@ from tokend.errors import StoreError
 from tokend.fake import FakeJustimmo
 from tokend.model import Grant, Outcome, Status
 from tokend.sdnotify import SystemdNotifier
-from tokend.store import Store, make_engine
+from tokend.store import SaveItem, Store, make_engine
 from tokend.testing import quiet_logs
 
 STATEMENT = "UPDATE grants SET refresh_token=%(p_refresh_token)s WHERE grants.id = %(g_id)s"
@@ -73,14 +74,13 @@ class FaultyStore(Store):
         self.always = always
         self.calls = 0
 
-    def save(self, grant: Grant, outcome: Outcome, owner: str,
-             event: dict[str, Any] | None = None) -> bool:
+    def save_many(self, items: Sequence[SaveItem]) -> list[bool]:
         self.calls += 1
         err = self.faults.pop(0) if self.faults else (self.always() if self.always else None)
         if err is not None:
             with self.tx():
                 raise err
-        return super().save(grant, outcome, owner, event)
+        return super().save_many(items)
 
 
 @pytest.fixture
@@ -148,13 +148,14 @@ def test_a_held_token_is_spooled_before_the_first_retry(env: Env) -> None:
     seen: list[list[str]] = []
 
     class Watching(FaultyStore):
-        def save(self, grant: Grant, outcome: Outcome, owner: str,
-                 event: dict[str, Any] | None = None) -> bool:
+        def save_many(self, items: Sequence[SaveItem]) -> list[bool]:
             seen.append(spool_files(env))
-            return super().save(grant, outcome, owner, event)
+            return super().save_many(items)
 
     store = Watching(env.store, [read_only(), read_only()])
-    env.engine(store, save_retry=0.01).run_pass()
+    m = env.engine(store, save_retry=0.01)
+    m.run_pass()
+    wait_until(lambda: m.held.count() == 0, 10, what="the held outcome saved")
     assert seen[0] == [] and len(seen[1]) == 1 and seen[1][0].endswith(".json")
     assert spool_files(env) == []  # saved at the second retry, then removed
     assert issued.refresh_token is not None

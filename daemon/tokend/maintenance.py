@@ -5,9 +5,10 @@ grants alive:
 
 1. claim a small batch and COMMIT the lease (the refresh is now "in flight");
 2. call the provider, bounded by ``schedule.concurrency`` and ``provider.rate_limit``;
-3. save the outcome, new refresh token first and alone in its short transaction; if that
-   save fails for any reason the rotated token is held: spooled to disk at once
-   (:mod:`tokend.spool`), retried a few times here, then saved by a background replay
+3. save the outcome. New tokens go to the saver (:mod:`tokend.saver`): the worker takes
+   its next grant while one thread writes what queued meanwhile in one transaction, the
+   grant leased until then. If that save fails for any reason the rotated token is
+   held: spooled to disk at once (:mod:`tokend.spool`) and saved by a background replay
    (or by the next process, before it claims): a rotated refresh token is never dropped.
 
 Each grant is handled inside an error boundary: one grant's failure never ends a pass.
@@ -24,13 +25,25 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from . import circuit, consent, events, leases, logs, owners, planner, policy, spool, state
+from . import (
+    circuit,
+    consent,
+    events,
+    leases,
+    logs,
+    owners,
+    planner,
+    policy,
+    saver,
+    spool,
+    state,
+)
 from .config import ClientConfig, Config
 from .errors import DecryptError, ErrorKind, NotSent, ProviderError, StoreError
 from .metrics import Metrics
@@ -40,9 +53,16 @@ from .sharedlimit import SharedRateLimiter, limiter_for
 from .store import Clock, Store
 
 log = logs.get("tokend.maintenance")
-SAVE_TRIES = 3  # retries of a held outcome in its worker before the background replay
 PLAN_EVERY_MOST = 300.0  # seconds: the most the refresh_margin_min rule holds a plan back
 PLAN_WRITE_BATCH = 1000  # planned moves written per transaction while the walk goes on
+
+
+class _Rotated(NamedTuple):
+    """An outcome with new tokens on its way to the saver."""
+
+    grant: Grant
+    outcome: Outcome
+    event: dict[str, Any] | None
 
 
 @dataclass
@@ -114,6 +134,10 @@ class Maintenance:
         self.held = spool.Held(spool.Spool(lambda: state.prepare(config, "spool")),
                                store.cipher, self._replay_save,
                                on_count=self.metrics.held.set, retry=save_retry)
+        # No more outcomes wait for it than there are workers: as many as the workers
+        # held in memory when each saved its own.
+        self.saver: saver.Saver[_Rotated] = saver.Saver(
+            self._write_rotated, self._hold_rotated, limit=config.schedule.concurrency)
 
     def stop(self) -> None:
         """Stop claiming; attempts in flight finish and are saved (or spooled)."""
@@ -122,6 +146,7 @@ class Maintenance:
     def close(self) -> None:
         self.stop_event.set()
         self.pool.shutdown(wait=True)
+        self.saver.close()  # what is queued is written (or held) first
         self.held.close()
         self.owner_lock.release()
 
@@ -143,6 +168,7 @@ class Maintenance:
             self._plan()
             self._drain(result)
         finally:
+            self.saver.flush()  # the pass's tokens are written (or held) when it ends
             result.duration = time.monotonic() - started
             result.stopped = self.stop_event.is_set()
             self.pass_running.clear()
@@ -260,8 +286,8 @@ class Maintenance:
                     result.claimed += len(claims)
                     exhausted = not claims
                     for grant in claims:
-                        self.pool.submit(self._guarded, grant, claimed_at).add_done_callback(
-                            finished.put)
+                        self.pool.submit(self._guarded, grant, claimed_at,
+                                         wait_saved=False).add_done_callback(finished.put)
                         in_flight += 1
                 if not in_flight:
                     if not held_back:
@@ -305,7 +331,8 @@ class Maintenance:
                     continue
                 result.claimed += 1
                 self._probes.add(grant.id)
-                probes.append(self.pool.submit(self._guarded, grant, claimed_at))
+                probes.append(self.pool.submit(self._guarded, grant, claimed_at,
+                                               wait_saved=False))
         finally:
             # A claim error ends the pass, but the probes sent are judged first.
             for fut in probes:
@@ -313,14 +340,15 @@ class Maintenance:
             self._probes.clear()
 
     def _guarded(self, grant: Grant, claimed_at: float | None = None, *,
-                 priority: bool = False) -> AttemptResult:
+                 priority: bool = False, wait_saved: bool = True) -> AttemptResult:
         if self.held.holds(grant.id):
             # Its new refresh token waits to be saved; the stored one is spent.
             log.info("grant_held", grant_id=grant.id, client=grant.client,
                      detail="not refreshed: its rotated token is not saved yet")
             return AttemptResult.HELD
         try:
-            return self.attempt(grant, claimed_at, priority=priority)
+            return self.attempt(grant, claimed_at, priority=priority,
+                                wait_saved=wait_saved)
         except Exception as exc:  # the error boundary: log, count, go on
             log.error("grant_attempt_crashed", grant_id=grant.id, client=grant.client,
                       error=type(exc).__name__, detail=str(exc)[:200])
@@ -329,12 +357,14 @@ class Maintenance:
     # ------------------------------------------------------------------ one grant
 
     def attempt(self, grant: Grant, claimed_at: float | None = None, *,
-                priority: bool = False) -> AttemptResult:
+                priority: bool = False, wait_saved: bool = True) -> AttemptResult:
         """Handle one claimed grant; returns how the attempt ended.
 
         ``claimed_at``: the monotonic time read just before the claim (see
         :mod:`tokend.leases`); a refresh is only sent while the lease has room for it.
         ``priority``: an application waits for it (:mod:`tokend.ondemand`).
+        ``wait_saved``: return once new tokens are written (or held); else as soon as
+        the saver has them (a pass: ``run_pass`` waits for them all at its end).
         """
         now = self.clock()
         client = self.config.clients.get(grant.client)
@@ -389,23 +419,29 @@ class Maintenance:
             self._release(grant)
             return AttemptResult.RELEASED
         self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
-        return self._succeeded(grant, resp, refresh)
+        return self._succeeded(grant, resp, refresh, wait_saved=wait_saved or priority)
 
-    def _succeeded(self, grant: Grant, resp: TokenResponse,
-                   old_refresh: str | None) -> AttemptResult:
+    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None, *,
+                   wait_saved: bool) -> AttemptResult:
         now = self.clock()
         outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
-        saved = self._save(grant, outcome, must=True)
         self._judge(grant, None)
-        log.info("refreshed", grant_id=grant.id, client=grant.client,
-                 grant_type=grant.grant_type, outcome="ok", status=outcome.status.value,
-                 rotated=outcome.refresh_token is not None,
-                 access_expires_at=_iso(outcome.access_expires_at),
-                 next_due=_iso(outcome.next_attempt_at),
-                 duration_ms=round((now - resp.sent_at).total_seconds() * 1000, 1),
-                 saved=saved)
+        outcome, event = self._with_event(grant, outcome)
+        duration_ms = round((now - resp.sent_at).total_seconds() * 1000, 1)
+
+        def then(saved: bool | None) -> None:  # in the saver's thread, once written
+            if saved is not None:
+                self._saved(grant, outcome, event, saved)
+            log.info("refreshed", grant_id=grant.id, client=grant.client,
+                     grant_type=grant.grant_type, outcome="ok", status=outcome.status.value,
+                     rotated=outcome.refresh_token is not None,
+                     access_expires_at=_iso(outcome.access_expires_at),
+                     next_due=_iso(outcome.next_attempt_at), duration_ms=duration_ms,
+                     saved=bool(saved))
+
+        self.saver.put(_Rotated(grant, outcome, event), then, wait=wait_saved)
         return AttemptResult.OK
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
@@ -472,68 +508,49 @@ class Maintenance:
 
     # ------------------------------------------------------------------ saving
 
-    def _save(self, grant: Grant, outcome: Outcome, *, must: bool = False) -> bool:
-        """Save, retrying while the database is unreachable.
+    def _with_event(self, grant: Grant, outcome: Outcome,
+                    ) -> tuple[Outcome, dict[str, Any] | None]:
+        """The outcome with its reminder moment, and the notification it raises."""
+        outcome, reminder = policy.remind(grant, outcome, self.clock(), self.schedule)
+        return outcome, self._event(grant, outcome, reminder)
 
-        ``must``: the outcome holds a rotated refresh token that exists nowhere else;
-        it is retried until saved, even during shutdown. Other outcomes give up when
-        the daemon stops (the lease then expires and the grant is simply retried).
-        """
-        outcome, reminder = policy.remind(grant, outcome, self.clock(),
-                                          self.schedule)
-        event = self._event(grant, outcome, reminder)
-        if must:
-            return self._save_rotated(grant, outcome, event)
+    def _save(self, grant: Grant, outcome: Outcome) -> bool:
+        """Save an outcome without new tokens, retrying while the database is
+        unreachable; given up when the daemon stops (the lease then expires and the grant
+        is simply retried). New tokens go to the saver instead (``_succeeded``)."""
+        outcome, event = self._with_event(grant, outcome)
         delay = self.save_retry
         while True:
             try:
                 return self._saved(grant, outcome, event,
                                    self.store.save(grant, outcome, self.owner, event))
             except StoreError as exc:
-                if not must and self.stop_event.is_set():
+                if self.stop_event.is_set():
                     log.error("save_abandoned", grant_id=grant.id, error=str(exc))
                     return False
                 log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
-                          error=str(exc), holding_rotated_token=must, retry_in=delay)
+                          error=str(exc), holding_rotated_token=False, retry_in=delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
-    def _save_rotated(self, grant: Grant, outcome: Outcome,
-                      event: dict[str, Any] | None) -> bool:
-        """Save an outcome holding a rotated refresh token; whatever fails, it is held.
+    def _write_rotated(self, items: Sequence[_Rotated]) -> list[bool]:
+        """The saver's commit: outcomes with new tokens, in one transaction."""
+        return self.store.save_many([(i.grant, i.outcome, self.owner, i.event)
+                                     for i in items])
 
-        Spooled at the first failure, retried here ``SAVE_TRIES`` times (not once the
-        daemon stops and the spool has it), then handed to the background replay so the
-        worker is free again.
-        """
-        try:
-            return self._saved(grant, outcome, event,
-                               self.store.save(grant, outcome, self.owner, event))
-        except Exception as exc:  # any error: the token must not reach the error boundary
-            error = exc
+    def _hold_rotated(self, item: _Rotated, error: BaseException) -> None:
+        """A commit of new tokens failed (any error): the outcome is held, spooled to
+        disk now, and the background replay saves it once the database takes it."""
+        grant, outcome, event = item
         entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
         spooled = self.held.hold(entry)
-        delay = self.save_retry
-        for _ in range(SAVE_TRIES):
-            log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
-                      error=_error_text(error), holding_rotated_token=True, spooled=spooled,
-                      held_outcomes=self.held.count(), retry_in=delay)
-            if self.stop_event.wait(delay) and spooled:
-                break
-            try:
-                saved = self.store.save(grant, outcome, self.owner, event)
-            except Exception as exc:
-                error = exc
-                delay = min(delay * 2, 30.0)
-                continue
-            self.held.done(entry)
-            return self._saved(grant, outcome, event, saved)
+        log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
+                  error=_error_text(error), holding_rotated_token=True, spooled=spooled,
+                  held_outcomes=self.held.count(), retry_in=self.save_retry)
         log.warning("save_handed_over", grant_id=grant.id, client=grant.client,
-                    error=_error_text(error), spooled=spooled,
-                    held_outcomes=self.held.count(),
+                    spooled=spooled, held_outcomes=self.held.count(),
                     detail="held; saved in the background once the database takes it")
         self.held.hand_over(entry)
-        return False
 
     def _saved(self, grant: Grant, outcome: Outcome, event: dict[str, Any] | None,
                saved: bool) -> bool:

@@ -25,7 +25,7 @@ from .db import Clock, _alembic_config, make_engine, utcnow
 from .rekey import Rekey
 from .rows import G
 from .schema import ReplicaRow
-from .writes import Decide, Writes
+from .writes import Decide, SaveItem, Writes
 
 R = cast(Table, ReplicaRow.__table__)
 
@@ -33,6 +33,7 @@ __all__ = [
     "Clock",
     "Decide",
     "G",
+    "SaveItem",
     "Store",
     "_alembic_config",
     "make_engine",

@@ -40,6 +40,8 @@ from .rows import G, Reads, _at
 # replaced, both read in that transaction, and returns the payload (``events.on_consent``)
 # the outbox queues in the same commit.
 Decide = Callable[[Grant], tuple[Status, str | None, datetime | None]]
+# One outcome to save: the grant as claimed, the outcome, the lease owner, the event.
+SaveItem = tuple[Grant, Outcome, str, dict[str, Any] | None]
 _INSERT_CHUNK = 2000
 
 
@@ -198,7 +200,31 @@ class Writes(Reads, Outbox):
         has written tokens since we claimed (then ours are still the newest). Returns
         False if the guard failed (the grant was re-consented or deleted meanwhile).
         """
+        return self.save_many([(grant, outcome, owner, event)])[0]
+
+    def save_many(self, items: Sequence[SaveItem]) -> list[bool]:
+        """:meth:`save` of several outcomes (grant, outcome, owner, event) in ONE
+        transaction (a group commit, :mod:`tokend.saver`): each guarded on its own (one
+        result per item), all written or, if it fails, none."""
         now = self.clock()
+        statements = [self._save_args(grant, outcome, owner, now)
+                      for grant, outcome, owner, _event in items]
+        # One round trip instead of three on PostgreSQL for a lone save without an
+        # event: under load each round trip is a wait for the server process to be
+        # scheduled.
+        single = len(items) == 1 and items[0][3] is None
+        saved: list[bool] = []
+        with self.tx(single=single) as conn:
+            for (stmt, params), item in zip(statements, items, strict=True):
+                grant, event = item[0], item[3]
+                written = conn.execute(stmt, params).rowcount != 0
+                if written and event is not None:
+                    self._add_event(conn, event, grant.id, now)
+                saved.append(written)
+        return saved
+
+    def _save_args(self, grant: Grant, outcome: Outcome, owner: str,
+                        now: datetime) -> tuple[Any, dict[str, Any]]:
         params: dict[str, Any] = {
             "g_id": grant.id, "g_owner": owner, "g_version": grant.token_version,
             "p_status": outcome.status.value, "p_reason": outcome.reason,
@@ -222,16 +248,7 @@ class Writes(Reads, Outbox):
             if outcome.refresh_token is not None:
                 new_refresh = True
                 params["p_refresh_token"] = self.cipher.encrypt(outcome.refresh_token)
-        # One round trip instead of three on PostgreSQL when there is no event to add:
-        # under load each round trip is a wait for the server process to be scheduled,
-        # and the worker holds its provider slot meanwhile.
-        with self.tx(single=event is None) as conn:
-            stmt = _save_statement(outcome.success, new_refresh, reminded)
-            if conn.execute(stmt, params).rowcount == 0:
-                return False
-            if event is not None:
-                self._add_event(conn, event, grant.id, now)
-        return True
+        return _save_statement(outcome.success, new_refresh, reminded), params
 
 
 _SAVE_STATEMENTS: dict[tuple[bool, bool, bool], Any] = {}
