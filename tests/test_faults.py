@@ -37,6 +37,7 @@ from tokend.metrics import Metrics
 from tokend.model import NewGrant, Status
 from tokend.policy import initial
 from tokend.provider import ProviderClient
+from tokend.saver import room_for
 from tokend.store import Store, open_store
 from tokend.testing import (
     RecordingFake,
@@ -275,7 +276,8 @@ def test_sigkill_at_random_moments_loses_at_most_the_refreshes_in_flight(
     Right after each kill, the fake tells which stored refresh tokens it no longer
     accepts: those grants are lost (the provider rotated, the answer died with the
     process). They must be among the grants the dead process had leased, and at most
-    ``concurrency`` of them. Every other grant must hold the provider's current token.
+    ``saver.room_for(concurrency)`` of them (requests in flight and new tokens waiting for
+    their commit). Every other grant must hold the provider's current token.
     After a restart (leases expired), each lost grant is ``reconsent_required`` with
     reason ``rotation_lost`` and every other grant is ``ok`` and refreshed.
     """
@@ -306,7 +308,7 @@ def test_sigkill_at_random_moments_loses_at_most_the_refreshes_in_flight(
             dead = {r.id for r in rows if r.status == "ok" and not validity[r.id][0]}
             new = dead - lost
             assert new <= leased, f"{ctx}: grants lost without a lease: {sorted(new - leased)}"
-            assert len(new) <= CONCURRENCY, f"{ctx}: {len(new)} grants lost by one kill"
+            assert len(new) <= room_for(CONCURRENCY), f"{ctx}: {len(new)} grants lost by one kill"
             per_kill.append(len(new))
             lost |= new
             broken = [r.id for r in rows if r.id not in lost and r.status == "ok"

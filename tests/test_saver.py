@@ -67,23 +67,46 @@ def test_what_queues_during_a_commit_goes_in_the_next_one() -> None:
         s.close()
 
 
-def test_a_worker_waits_while_the_queue_is_full() -> None:
+def test_room_is_taken_before_the_outcome_exists_and_given_back_once_it_is_written(
+        ) -> None:
+    """``limit`` bounds requests in flight (room reserved) and outcomes queued or being
+    written, together: what a kill -9 could lose."""
     r = Recorder()
     s = r.saver(limit=2)
     try:
         r.gate.clear()
         r.put(s, 1)
-        assert r.started.wait(5)
-        r.put(s, 2)
-        r.put(s, 3)  # the queue is full now (1 is being written)
-        fourth = threading.Thread(target=r.put, args=(s, 4))
-        fourth.start()
+        assert r.started.wait(5)  # 1 is being written
+        in_flight = s.reserve()  # a request that may rotate a token
+        third = threading.Thread(target=lambda: s.reserve().cancel())
+        third.start()
         time.sleep(0.2)
-        assert fourth.is_alive(), "a fourth outcome was queued past the limit"
+        assert third.is_alive(), "room was given past the limit"
+        in_flight.put(2, lambda saved: r.then.append((2, saved)))
+        time.sleep(0.1)
+        assert third.is_alive(), "a queued outcome gave its room back before it was written"
         r.gate.set()
-        fourth.join(5)
+        third.join(5)
+        assert not third.is_alive()
         s.flush()
-        assert [i for c in r.commits for i in c] == [1, 2, 3, 4]
+        assert [i for c in r.commits for i in c] == [1, 2]
+    finally:
+        s.close()
+
+
+def test_room_not_used_is_given_back_and_a_room_holds_one_outcome() -> None:
+    r = Recorder()
+    s = r.saver(limit=1)
+    try:
+        with s.reserve():
+            pass  # the request failed: nothing to save
+        room = s.reserve()  # the room came back
+        room.put(1, lambda _saved: None, wait=True)
+        with pytest.raises(RuntimeError):
+            room.put(2, lambda _saved: None)
+        room.cancel()  # used: nothing to give back twice
+        s.put(3, lambda _saved: None, wait=True)  # the saver's one room is free again
+        assert r.commits == [[1], [3]]
     finally:
         s.close()
 

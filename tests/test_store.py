@@ -14,7 +14,7 @@ from tokend.config import Config, Secret
 from tokend.crypto import Cipher, generate_key
 from tokend.errors import DecryptError, GrantNotFound, StoreError
 from tokend.model import NewGrant, Outcome, Status
-from tokend.store import Store
+from tokend.store import SaveItem, Store
 
 NOW = datetime.now(UTC).replace(microsecond=123456)
 
@@ -151,6 +151,35 @@ def test_save_is_guarded_by_lease_or_token_version(store: Store) -> None:
     assert (saved.lease_owner, saved.token_version) == (None, g.token_version + 1)
     # a stale attempt (tokens moved on, lease gone) cannot overwrite newer tokens
     assert not store.save(g, ok, "someone-else")
+
+
+def test_save_many_writes_each_outcome_guarded_in_one_transaction(store: Store) -> None:
+    """The saver's group commit: one result per outcome, in the order given (rows are
+    locked in id order); an event only for an outcome written; a write the database
+    refuses takes the others of its transaction with it."""
+    store.insert_grants([new(i) for i in range(1, 7)], due_now)
+    a, b, c, d = sorted(store.claim_due("me", 4, timedelta(minutes=5)), key=lambda g: g.id)
+    ok = Outcome(status=Status.OK, reason=None, next_attempt_at=NOW + timedelta(hours=3),
+                 failure_count=0, last_error=None, in_doubt=False, access_token="access-2",
+                 refresh_token="refresh-2", access_expires_at=NOW + timedelta(days=1),
+                 refresh_expires_at=NOW + timedelta(days=31), obtained_at=NOW)
+    assert store.save(b, ok, "me")  # b's tokens moved on: a stale attempt is refused
+    event = {"event": "reconsent_due", "grant_id": 0}
+    items: list[SaveItem] = [(d, ok, "me", None), (b, ok, "someone-else", dict(event)),
+                             (a, ok, "me", dict(event)), (c, ok, "me", None)]
+    assert store.save_many(items) == [True, False, True, True]
+    assert [e["grant_id"] for e in store.events()] == [a.id]
+    for g in (a, c, d):
+        saved = store.get(g.id, with_tokens=True)
+        assert store.tokens(saved) == ("access-2", "refresh-2")
+        assert (saved.lease_owner, saved.token_version) == (None, g.token_version + 1)
+    e, f = store.claim_due("me", 2, timedelta(minutes=5))
+    bad = Outcome(status=Status.OK, reason=None, next_attempt_at=None,
+                  failure_count=None,  # type: ignore[arg-type]  # NOT NULL
+                  last_error=None, in_doubt=False)
+    with pytest.raises(StoreError):
+        store.save_many([(e, ok, "me", None), (f, bad, "me", None)])
+    assert store.get(e.id).lease_owner == "me"  # e's write was not kept either
 
 
 def test_save_keeps_refresh_token_when_none_returned(store: Store) -> None:

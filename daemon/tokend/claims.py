@@ -167,9 +167,9 @@ class Claims(Reads):
             type_coerce(G.c.next_attempt_at, NullType()) == bindparam("m_old", type_=NullType()),
             self._unleased(now),
         ).values(next_attempt_at=bindparam("m_at", type_=G.c.next_attempt_at.type))
-        with self.tx() as conn:
+        with self.tx() as conn:  # in id order, as every write of several rows (writes.py)
             moved = conn.execute(stmt, [{"m_id": gid, "m_old": old, "m_at": new}
-                                        for gid, (old, new) in moves.items()]).rowcount
+                                        for gid, (old, new) in sorted(moves.items())]).rowcount
         return max(moved, 0)  # rows changed meanwhile (another replica planned) count not
 
     def claim_due(self, owner: str, limit: int, lease: timedelta) -> list[Grant]:
@@ -284,7 +284,9 @@ class Claims(Reads):
             # Still waiting when written (a replica may have refreshed one meanwhile).
             stmt = update(G).where(G.c.id == bindparam("r_id"), waiting).values(
                 next_attempt_at=bindparam("r_at", type_=G.c.next_attempt_at.type))
-            conn.execute(stmt, [{"r_id": gid, "r_at": at} for gid, at in order(held, now)])
+            # in id order, as every write of several rows (writes.py: no deadlock)
+            conn.execute(stmt, [{"r_id": gid, "r_at": at}
+                                for gid, at in sorted(order(held, now))])
         return len(held)
 
     def expire_leases_of(self, owners: Sequence[str]) -> int:

@@ -134,10 +134,9 @@ class Maintenance:
         self.held = spool.Held(spool.Spool(lambda: state.prepare(config, "spool")),
                                store.cipher, self._replay_save,
                                on_count=self.metrics.held.set, retry=save_retry)
-        # No more outcomes wait for it than there are workers: as many as the workers
-        # held in memory when each saved its own.
         self.saver: saver.Saver[_Rotated] = saver.Saver(
-            self._write_rotated, self._hold_rotated, limit=config.schedule.concurrency)
+            self._write_rotated, self._hold_rotated,
+            limit=saver.room_for(config.schedule.concurrency))
 
     def stop(self) -> None:
         """Stop claiming; attempts in flight finish and are saved (or spooled)."""
@@ -392,37 +391,44 @@ class Maintenance:
             self._save(grant, decision.outcome)
             return decision.result
         assert client is not None
-        admitted = not self.stop_event.is_set() and self.limiter.acquire(
-            self.stop_event, priority=priority)
-        left = (leases.remaining(claimed_at, self.lease, time.monotonic())
-                if claimed_at is not None else None)
-        go = policy.send_now(admitted=admitted, lease_left=left,
-                             timeout=self.config.provider.timeout)
-        if isinstance(go, policy.Release):
-            if go.why == policy.RELEASE_LEASE_TOO_SHORT:
-                assert left is not None
-                log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
-                            lease_left_s=round(left.total_seconds(), 1))
-            self._release(grant)
-            return AttemptResult.RELEASED
-        t0 = time.monotonic()
-        try:
-            if is_cc:
-                resp = self.provider.client_credentials(client)
-            else:
-                assert refresh is not None
-                resp = self.provider.refresh(client, refresh)
-        except ProviderError as err:
+        # Room for the new tokens before they exist: requests in flight and tokens not
+        # yet saved are never more than `concurrency` together (what a kill -9 can lose).
+        with self.saver.reserve() as room:
+            admitted = not self.stop_event.is_set() and self.limiter.acquire(
+                self.stop_event, priority=priority)
+            left = (leases.remaining(claimed_at, self.lease, time.monotonic())
+                    if claimed_at is not None else None)
+            go = policy.send_now(admitted=admitted, lease_left=left,
+                                 timeout=self.config.provider.timeout)
+            if isinstance(go, policy.Release):
+                if go.why == policy.RELEASE_LEASE_TOO_SHORT:
+                    assert left is not None
+                    log.warning("lease_too_short", grant_id=grant.id, client=grant.client,
+                                lease_left_s=round(left.total_seconds(), 1))
+                room.cancel()
+                self._release(grant)
+                return AttemptResult.RELEASED
+            t0 = time.monotonic()
+            try:
+                if is_cc:
+                    resp = self.provider.client_credentials(client)
+                else:
+                    assert refresh is not None
+                    resp = self.provider.refresh(client, refresh)
+            except ProviderError as err:
+                room.cancel()  # nothing rotated
+                self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
+                return self._failed(grant, err, self.clock(), client)
+            except NotSent:  # stopping while it waited for a new slot: given back unsent
+                room.cancel()
+                self._release(grant)
+                return AttemptResult.RELEASED
             self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
-            return self._failed(grant, err, self.clock(), client)
-        except NotSent:  # stopping while it waited for a new slot: given back unsent
-            self._release(grant)
-            return AttemptResult.RELEASED
-        self.metrics.attempt(grant.client, grant.grant_type, time.monotonic() - t0)
-        return self._succeeded(grant, resp, refresh, wait_saved=wait_saved or priority)
+            return self._succeeded(grant, resp, refresh, room,
+                                   wait_saved=wait_saved or priority)
 
-    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None, *,
-                   wait_saved: bool) -> AttemptResult:
+    def _succeeded(self, grant: Grant, resp: TokenResponse, old_refresh: str | None,
+                   room: saver.Room[_Rotated], *, wait_saved: bool) -> AttemptResult:
         now = self.clock()
         outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
@@ -441,7 +447,7 @@ class Maintenance:
                      next_due=_iso(outcome.next_attempt_at), duration_ms=duration_ms,
                      saved=bool(saved))
 
-        self.saver.put(_Rotated(grant, outcome, event), then, wait=wait_saved)
+        room.put(_Rotated(grant, outcome, event), then, wait=wait_saved)
         return AttemptResult.OK
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,

@@ -1,18 +1,21 @@
 """Group commit of rotated tokens: one thread saves what the refresh workers hand it.
 
-A worker that received new tokens hands the outcome here and takes its next grant, so a
-provider call slot is not held while the database answers. The saver writes whatever
-queued meanwhile in ONE transaction (on SQLite one commit and one fsync for all of
-them): the busier the pass, the more each commit carries, and the database work of a
-pass runs in one thread instead of sixteen that take turns on the GIL. Measured on a
-2-core machine: throughput went from 0.90-0.94 to 0.98-1.0 of a bare-requests reference
-(docs/benchmarks.md).
+A worker that received new tokens hands the outcome here and takes its next grant: it
+does not wait while the database answers. The saver writes whatever queued meanwhile in
+ONE transaction (on SQLite one commit and one fsync for all of them): the busier the
+pass, the more each commit carries, and the database work of a pass runs in one thread
+instead of sixteen that take turns on the GIL. Measured on a 2-core machine: throughput
+went from 0.90-0.94 to 0.97-0.99 of a bare-requests reference (docs/benchmarks.md).
 
 What keeps the rotated token safe is unchanged:
 
 * the grant stays leased until its outcome is written: nobody refreshes it meanwhile;
-* at most ``limit`` outcomes wait here (a worker blocks while the queue is full), no
-  more than the workers held in memory before;
+* a worker takes room for its outcome (``reserve``) BEFORE the request that rotates the
+  token, and the room is given back once the outcome is written or held: requests in
+  flight and outcomes waiting here are never more than ``limit`` together
+  (:func:`room_for`: a quarter more than the workers), the most a ``kill -9`` can lose;
+* on PostgreSQL a commit locks its rows in id order, as every write of several rows
+  does (no deadlock with ``keys rotate`` or a plan);
 * an outcome whose save fails is handed to ``failed`` (the caller holds it: spooled to
   disk at once and replayed in the background, :mod:`tokend.spool`), and so is what
   queued behind it;
@@ -34,6 +37,15 @@ T = TypeVar("T")
 MOST_PER_COMMIT = 64  # a commit's size stays small: one slow statement delays few
 
 
+def room_for(concurrency: int) -> int:
+    """Room for new tokens not yet saved (requests in flight and outcomes waiting) with
+    ``concurrency`` workers: a quarter more than the workers, so that a worker whose
+    outcome waits for the commit can send its next request at once (with room for
+    exactly ``concurrency`` it waited for the saver, and the pass was no faster than
+    when each worker saved its own). The most a ``kill -9`` can lose."""
+    return concurrency + max(1, concurrency // 4)
+
+
 @dataclass(eq=False)
 class Job(Generic[T]):
     """One outcome to write. ``then(saved)`` runs once it is written (True; False: its
@@ -43,6 +55,35 @@ class Job(Generic[T]):
     then: Callable[[bool | None], None]
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     saved: bool | None = None  # None: not written (held by ``failed``)
+
+
+class Room(Generic[T]):
+    """Room for one outcome in a :class:`Saver`, taken before the request; given back by
+    the saver once the outcome put here is written or held, or by ``cancel`` (also at
+    the end of a ``with`` block) if none was put."""
+
+    def __init__(self, saver: Saver[T]) -> None:
+        self._saver = saver
+        self._open = True
+
+    def put(self, item: T, then: Callable[[bool | None], None], *,
+            wait: bool = False) -> Job[T]:
+        """Queue ``item``; ``wait``: return once it is written or held."""
+        if not self._open:
+            raise RuntimeError("this room is used or given back")
+        self._open = False
+        return self._saver._put(Job(item, then), wait)
+
+    def cancel(self) -> None:
+        if self._open:
+            self._open = False
+            self._saver._room.release()
+
+    def __enter__(self) -> Room[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
 
 
 class Saver(Generic[T]):
@@ -58,6 +99,7 @@ class Saver(Generic[T]):
         self._write = write
         self._failed = failed
         self.limit = limit
+        self._room = threading.BoundedSemaphore(limit)
         self._queue: list[Job[T]] = []
         self._busy = False
         self._closed = False
@@ -65,14 +107,19 @@ class Saver(Generic[T]):
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    def reserve(self) -> Room[T]:
+        """Room for one outcome; blocks while ``limit`` are taken (in flight or queued)."""
+        self._room.acquire()
+        return Room(self)
+
     def put(self, item: T, then: Callable[[bool | None], None], *,
             wait: bool = False) -> Job[T]:
-        """Queue ``item`` (blocks while ``limit`` wait); ``wait``: return once written or
-        held. After ``close`` the caller writes it itself."""
-        job = Job(item, then)
+        """``reserve()`` and put ``item`` there."""
+        return self.reserve().put(item, then, wait=wait)
+
+    def _put(self, job: Job[T], wait: bool) -> Job[T]:
+        """Queue a job that holds room; after ``close`` the caller writes it itself."""
         with self._cond:
-            while len(self._queue) >= self.limit and not self._closed:
-                self._cond.wait()
             closed = self._closed
             if not closed:
                 self._queue.append(job)
@@ -111,7 +158,6 @@ class Saver(Generic[T]):
                 jobs = self._queue[:MOST_PER_COMMIT]
                 del self._queue[:MOST_PER_COMMIT]
                 self._busy = True
-                self._cond.notify_all()  # room for blocked workers
             try:
                 error = self._commit(jobs)
                 if error is not None:
@@ -156,3 +202,4 @@ class Saver(Generic[T]):
                           detail=str(exc)[:200])
             finally:
                 job.done.set()
+                self._room.release()

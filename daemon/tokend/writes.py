@@ -213,14 +213,17 @@ class Writes(Reads, Outbox):
         # event: under load each round trip is a wait for the server process to be
         # scheduled.
         single = len(items) == 1 and items[0][3] is None
-        saved: list[bool] = []
+        saved = [False] * len(items)
         with self.tx(single=single) as conn:
-            for (stmt, params), item in zip(statements, items, strict=True):
-                grant, event = item[0], item[3]
-                written = conn.execute(stmt, params).rowcount != 0
-                if written and event is not None:
+            # Rows locked in id order, as by every write of several rows (keys rotate, a
+            # plan, a release): two such transactions never wait for each other in a
+            # circle (a deadlock PostgreSQL would end by failing one).
+            for i in sorted(range(len(items)), key=lambda i: items[i][0].id):
+                stmt, params = statements[i]
+                grant, event = items[i][0], items[i][3]
+                saved[i] = conn.execute(stmt, params).rowcount != 0
+                if saved[i] and event is not None:
                     self._add_event(conn, event, grant.id, now)
-                saved.append(written)
         return saved
 
     def _save_args(self, grant: Grant, outcome: Outcome, owner: str,
