@@ -310,6 +310,33 @@ def test_new_tokens_that_queue_during_a_commit_share_the_next_one(env: Env) -> N
         assert refresh is not None and env.fake.refresh_token_valid(refresh)
 
 
+class ReleaseFails(Store):
+    """Releasing a client's waiting grants (when its circuit closes, after the first
+    answer that accepts it) fails with an unexpected error."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner.engine, inner.cipher, clock=inner.clock)
+        self.calls = 0
+
+    def release_held(self, *args: Any, **kw: Any) -> int:
+        self.calls += 1
+        raise ValueError("a bug after the answer")
+
+
+def test_an_error_after_the_answer_does_not_lose_the_new_tokens(env: Env) -> None:
+    """Whatever fails once the provider has rotated the token, the new one is saved."""
+    [issued] = env.seed(1)
+    store = ReleaseFails(env.store)
+    result = env.engine(store).run_pass()
+    assert store.calls >= 1  # the failure did happen, after the answer
+    assert result.claimed == 1
+    [g] = env.grants()
+    _, refresh = env.store.tokens(env.store.get(g.id, with_tokens=True))
+    assert refresh is not None and env.fake.refresh_token_valid(refresh)
+    assert issued.refresh_token is not None
+    assert not env.fake.refresh_token_valid(issued.refresh_token)
+
+
 def test_stop_releases_unstarted_grants(env: Env) -> None:
     env.seed(10)
     m = env.engine()

@@ -21,13 +21,14 @@ class Recorder:
     def __init__(self, *, fail: set[int] | None = None, guard_fails: set[int] | None = None,
                  ) -> None:
         self.commits: list[list[int]] = []
-        self.tried: list[list[int]] = []
         self.gate = threading.Event()
         self.gate.set()
         self.started = threading.Event()
         self.fail = fail or set()
         self.guard_fails = guard_fails or set()
         self.held: list[tuple[int, str]] = []
+        self.tried: list[list[int]] = []
+        self.held_tried: dict[int, int] = {}
         self.then: list[tuple[int, bool | None]] = []
 
     def write(self, items: Sequence[int]) -> list[bool]:
@@ -39,11 +40,13 @@ class Recorder:
         self.commits.append(list(items))
         return [i not in self.guard_fails for i in items]
 
-    def failed(self, item: int, error: BaseException) -> None:
+    def failed(self, item: int, error: Exception, tried: int) -> None:
         self.held.append((item, str(error)))
+        self.held_tried[item] = tried
 
-    def saver(self, limit: int = 4) -> Saver[int]:
-        return Saver(self.write, self.failed, limit=limit)
+    def saver(self, limit: int = 4, stopping: threading.Event | None = None) -> Saver[int]:
+        return Saver(self.write, self.failed, limit=limit,
+                     stopping=(stopping or threading.Event()).is_set)
 
     def put(self, saver: Saver[int], item: int, **kw: bool) -> None:
         saver.put(item, lambda saved: self.then.append((item, saved)), **kw)
@@ -143,6 +146,7 @@ def test_a_failed_commit_hands_every_outcome_in_it_to_failed() -> None:
         s.flush()
         assert r.commits == [[1], [4]]
         assert r.held == [(2, "database gone"), (3, "database gone")]
+        assert r.held_tried == {2: 2, 3: 2}  # both in the commit that failed
         assert sorted(r.then) == [(1, True), (2, None), (3, None), (4, True)]
     finally:
         s.close()
@@ -161,6 +165,7 @@ def test_what_queued_behind_a_failed_commit_is_held_without_a_second_wait() -> N
         s.flush()
         assert r.tried == [[1]]  # the database just failed: 2 and 3 are not tried
         assert [i for i, _ in r.held] == [1, 2, 3]
+        assert r.held_tried == {1: 1, 2: 0, 3: 0}
         assert sorted(r.then) == [(1, None), (2, None), (3, None)]
     finally:
         s.close()
@@ -258,4 +263,88 @@ def test_flush_waits_for_the_commit_in_progress() -> None:
 
 def test_a_limit_below_one_is_refused() -> None:
     with pytest.raises(ValueError):
-        Saver(lambda items: [True for _ in items], lambda _i, _e: None, limit=0)
+        Saver(lambda items: [True for _ in items], lambda _i, _e, _n: None, limit=0)
+
+
+def test_room_outside_the_limit_is_given_at_once() -> None:
+    """An application's on-demand refresh does not queue behind the pass's room."""
+    r = Recorder()
+    s = r.saver(limit=1)
+    try:
+        with s.reserve():
+            room = s.reserve(counted=False)  # the one room is taken: not waited for
+            assert room.put(1, lambda _saved: None, wait=True).saved is True
+        s.put(2, lambda _saved: None, wait=True)  # the counted room came back once
+        assert r.commits == [[1], [2]]
+    finally:
+        s.close()
+
+
+def test_flush_waits_only_for_what_was_handed_in_before_it() -> None:
+    r = Recorder()
+    s = r.saver(limit=8)
+    try:
+        r.gate.clear()
+        r.put(s, 1)
+        assert r.started.wait(5)
+        r.put(s, 2)
+        done = threading.Event()
+
+        def flush() -> None:
+            s.flush()
+            done.set()
+
+        t = threading.Thread(target=flush)
+        t.start()
+        time.sleep(0.05)
+        r.put(s, 3)  # handed in after the flush began
+        r.gate.set()
+        wait_until(done.is_set, 5, what="flush to return")
+        assert [i for c in r.commits for i in c][:2] == [1, 2]
+        s.flush()
+        assert s.pending() == 0
+    finally:
+        s.close()
+
+
+def test_stopping_after_a_failed_commit_holds_without_another_try() -> None:
+    """A stop while the database fails: no second wait (up to a connection timeout)
+    before the tokens are on disk."""
+    stopping = threading.Event()
+    r = Recorder(fail={1})
+    s = r.saver(limit=8, stopping=stopping)
+    try:
+        s.put(1, lambda _saved: None, wait=True)  # the commit fails
+        stopping.set()
+        s.put(2, lambda _saved: None, wait=True)
+        assert r.tried == [[1]] and [i for i, _ in r.held] == [1, 2]
+        assert r.held_tried == {1: 1, 2: 0}
+        stopping.clear()
+        r.fail.clear()
+        s.put(3, lambda _saved: None, wait=True)  # not stopping: tried again
+        assert r.commits == [[3]]
+    finally:
+        s.close()
+
+
+def test_a_saver_thread_that_dies_leaves_nobody_waiting() -> None:
+    class Fatal(BaseException):
+        pass
+
+    written: list[int] = []
+
+    def write(items: Sequence[int]) -> list[bool]:
+        if not written:
+            written.append(0)
+            raise Fatal("the thread ends")
+        written.extend(items)
+        return [True] * len(items)
+
+    held: list[int] = []
+    s: Saver[int] = Saver(write, lambda item, _e, _n: held.append(item), limit=1)
+    job = s.put(1, lambda _saved: None)
+    assert job.done.wait(5) and job.saved is None and held == [1]
+    s.flush()  # returns
+    assert s.put(2, lambda _saved: None).saved is True  # room came back; caller writes
+    assert written == [0, 2]
+    s.close()

@@ -115,8 +115,9 @@ class Daemon:
         if self.maintenance.pass_running.is_set() and started is not None:
             limit = max(self.maintenance.lease.total_seconds() * 5, 600)
             stuck = time.monotonic() - started > limit
-        # Held outcomes never keep a pass running (their workers hand them to the
-        # background replay): a database that refuses saves is no reason to be killed.
+        # Held outcomes never keep a pass running (a failed commit hands them to the
+        # background replay; a pass waits at most for one commit to fail): a database
+        # that refuses saves is no reason to be killed.
         return running and not stuck, {"scheduler_running": running, "pass_stuck": stuck,
                                        "held_outcomes": self.maintenance.held.count()}
 
@@ -247,8 +248,11 @@ def run_daemon(config: Config) -> int:
             sd.watchdog()
     sd.stopping()
     held = daemon.maintenance.held
-    log.info("stopping", held_outcomes=held.count())
-    with _extend_stop_while_held(sd, held.count):
+    saver = daemon.maintenance.saver
+    log.info("stopping", held_outcomes=held.count(), saving=saver.pending())
+    # New tokens the saver has not written yet count as held: a commit stuck on a
+    # vanished database may take up to 30 s to fail (and hand them to the spool).
+    with _extend_stop_while_held(sd, lambda: held.count() + saver.pending()):
         daemon.stop()
         lost = held.settle(HELD_EXTEND - 5)
     store.close()

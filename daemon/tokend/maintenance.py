@@ -136,7 +136,8 @@ class Maintenance:
                                on_count=self.metrics.held.set, retry=save_retry)
         self.saver: saver.Saver[_Rotated] = saver.Saver(
             self._write_rotated, self._hold_rotated,
-            limit=saver.room_for(config.schedule.concurrency))
+            limit=saver.room_for(config.schedule.concurrency),
+            stopping=self.stop_event.is_set)
 
     def stop(self) -> None:
         """Stop claiming; attempts in flight finish and are saved (or spooled)."""
@@ -392,8 +393,9 @@ class Maintenance:
             return decision.result
         assert client is not None
         # Room for the new tokens before they exist: requests in flight and tokens not
-        # yet saved are never more than `concurrency` together (what a kill -9 can lose).
-        with self.saver.reserve() as room:
+        # yet saved are never more than saver.room_for(concurrency) together (what a
+        # kill -9 can lose). An application's refresh waits for its save: not counted.
+        with self.saver.reserve(counted=not priority) as room:
             admitted = not self.stop_event.is_set() and self.limiter.acquire(
                 self.stop_event, priority=priority)
             left = (leases.remaining(claimed_at, self.lease, time.monotonic())
@@ -433,7 +435,6 @@ class Maintenance:
         outcome = policy.after_success(grant, resp, now, self.schedule,
                                        self.config.provider.refresh_token_ttl,
                                        previous_refresh=old_refresh)
-        self._judge(grant, None)
         outcome, event = self._with_event(grant, outcome)
         duration_ms = round((now - resp.sent_at).total_seconds() * 1000, 1)
 
@@ -448,6 +449,7 @@ class Maintenance:
                      saved=bool(saved))
 
         room.put(_Rotated(grant, outcome, event), then, wait=wait_saved)
+        self._judge(grant, None)  # after the new tokens are in the saver's hands
         return AttemptResult.OK
 
     def _failed(self, grant: Grant, err: ProviderError, now: datetime,
@@ -544,15 +546,23 @@ class Maintenance:
         return self.store.save_many([(i.grant, i.outcome, self.owner, i.event)
                                      for i in items])
 
-    def _hold_rotated(self, item: _Rotated, error: BaseException) -> None:
+    def _hold_rotated(self, item: _Rotated, error: Exception, tried: int) -> None:
         """A commit of new tokens failed (any error): the outcome is held, spooled to
-        disk now, and the background replay saves it once the database takes it."""
+        disk now, and the background replay saves it once the database takes it.
+        ``tried``: outcomes in the failed commit (0: not tried, the one before failed);
+        the error may be another grant's (the replay saves each alone)."""
         grant, outcome, event = item
-        entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
-        spooled = self.held.hold(entry)
+        try:
+            entry = spool.Entry.of(grant, outcome, self.owner, event, self.clock())
+            spooled = self.held.hold(entry)
+        except Exception as exc:  # a bug: say so loudly, the grant needs re-consent
+            log.critical("rotated_token_lost", grant_id=grant.id, client=grant.client,
+                         error=type(exc).__name__, detail=str(exc)[:200])
+            raise
         log.error("save_failed_retrying", grant_id=grant.id, client=grant.client,
                   error=_error_text(error), holding_rotated_token=True, spooled=spooled,
-                  held_outcomes=self.held.count(), retry_in=self.save_retry)
+                  held_outcomes=self.held.count(), retry_in=self.save_retry,
+                  commit_size=tried)
         log.warning("save_handed_over", grant_id=grant.id, client=grant.client,
                     spooled=spooled, held_outcomes=self.held.count(),
                     detail="held; saved in the background once the database takes it")

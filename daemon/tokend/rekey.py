@@ -45,7 +45,7 @@ class Rekey(Reads):
             pending = [(r[0], r[1], r[2]) for r in rows]
             for _ in range(rounds):
                 changed = []
-                with self.tx() as conn:
+                with self.tx() as conn:  # in id order, as every write of several rows
                     for gid, access, refresh in pending:
                         values = self._rotated(gid, access, refresh)
                         if not values:
@@ -64,7 +64,7 @@ class Rekey(Reads):
                 with self.tx(readonly=True) as conn:
                     pending = [(r[0], r[1], r[2]) for r in conn.execute(
                         select(G.c.id, G.c.access_token, G.c.refresh_token)
-                        .where(G.c.id.in_(changed))).all()]
+                        .where(G.c.id.in_(changed)).order_by(G.c.id)).all()]
             else:
                 raise StoreError(f"{len(pending)} grant(s) kept changing while being "
                                  "re-encrypted; run `tokend keys rotate` again")

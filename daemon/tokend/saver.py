@@ -53,6 +53,7 @@ class Job(Generic[T]):
 
     item: T
     then: Callable[[bool | None], None]
+    counted: bool = True  # holds one of the saver's ``limit`` rooms
     done: threading.Event = field(default_factory=threading.Event, repr=False)
     saved: bool | None = None  # None: not written (held by ``failed``)
 
@@ -62,8 +63,9 @@ class Room(Generic[T]):
     the saver once the outcome put here is written or held, or by ``cancel`` (also at
     the end of a ``with`` block) if none was put."""
 
-    def __init__(self, saver: Saver[T]) -> None:
+    def __init__(self, saver: Saver[T], *, counted: bool = True) -> None:
         self._saver = saver
+        self._counted = counted
         self._open = True
 
     def put(self, item: T, then: Callable[[bool | None], None], *,
@@ -72,12 +74,13 @@ class Room(Generic[T]):
         if not self._open:
             raise RuntimeError("this room is used or given back")
         self._open = False
-        return self._saver._put(Job(item, then), wait)
+        return self._saver._put(Job(item, then, self._counted), wait)
 
     def cancel(self) -> None:
         if self._open:
             self._open = False
-            self._saver._room.release()
+            if self._counted:
+                self._saver._room.release()
 
     def __enter__(self) -> Room[T]:
         return self
@@ -88,29 +91,40 @@ class Room(Generic[T]):
 
 class Saver(Generic[T]):
     """``write(items)``: the store's save of several outcomes in one transaction, one
-    bool per item (True written, False guard failed); raises if nothing was written.
-    ``failed(item, error)``: what to do with an item whose write failed (hold it)."""
+    bool per item (True written, False guard failed); raises if the commit failed (then
+    none of it is written). ``failed(item, error, tried)``: what to do with an item
+    whose write failed (hold it); ``tried``: how many outcomes the failed commit held (0:
+    not tried, because the commit before it failed). ``stopping()``: True once the
+    process stops; then, after a failed commit, outcomes are held without another try."""
 
     def __init__(self, write: Callable[[Sequence[T]], list[bool]],
-                 failed: Callable[[T, BaseException], None], *, limit: int,
+                 failed: Callable[[T, Exception, int], None], *, limit: int,
+                 stopping: Callable[[], bool] = lambda: False,
                  name: str = "tokend-saver") -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._write = write
         self._failed = failed
+        self._stopping = stopping
         self.limit = limit
         self._room = threading.BoundedSemaphore(limit)
         self._queue: list[Job[T]] = []
-        self._busy = False
+        self._current: list[Job[T]] = []  # the commit being written
+        self._handed = 0  # jobs queued so far
+        self._finished = 0  # of those, written or held (in queue order)
         self._closed = False
+        self._last_error: Exception | None = None  # of the last commit, if it failed
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def reserve(self) -> Room[T]:
-        """Room for one outcome; blocks while ``limit`` are taken (in flight or queued)."""
-        self._room.acquire()
-        return Room(self)
+    def reserve(self, *, counted: bool = True) -> Room[T]:
+        """Room for one outcome; blocks while ``limit`` are taken (in flight or queued).
+        ``counted=False``: outside the limit, at once (an application waits for it, and
+        for its save: :mod:`tokend.ondemand`)."""
+        if counted:
+            self._room.acquire()
+        return Room(self, counted=counted)
 
     def put(self, item: T, then: Callable[[bool | None], None], *,
             wait: bool = False) -> Job[T]:
@@ -121,6 +135,7 @@ class Saver(Generic[T]):
         """Queue a job that holds room; after ``close`` the caller writes it itself."""
         with self._cond:
             closed = self._closed
+            self._handed += 1
             if not closed:
                 self._queue.append(job)
                 self._cond.notify_all()
@@ -131,13 +146,16 @@ class Saver(Generic[T]):
         return job
 
     def pending(self) -> int:
+        """Outcomes handed in and not yet written or held."""
         with self._cond:
-            return len(self._queue) + (1 if self._busy else 0)
+            return self._handed - self._finished
 
     def flush(self) -> None:
-        """Return once everything handed in so far is written or held."""
+        """Return once everything handed in before this call is written or held (what is
+        handed in meanwhile does not keep it waiting)."""
         with self._cond:
-            while self._queue or self._busy:
+            target = self._handed
+            while self._finished < target:
                 self._cond.wait()
 
     def close(self) -> None:
@@ -149,30 +167,40 @@ class Saver(Generic[T]):
             self._thread.join()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while self._one_commit():
+                pass
+        except BaseException as exc:  # never leave workers waiting for room or a flush
+            log.critical("saver_stopped", error=type(exc).__name__, detail=str(exc)[:200])
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue:
-                    return  # closed and empty
-                jobs = self._queue[:MOST_PER_COMMIT]
-                del self._queue[:MOST_PER_COMMIT]
-                self._busy = True
-            try:
-                error = self._commit(jobs)
-                if error is not None:
-                    # What queued behind a failed commit is held at once: no second
-                    # wait (up to a connection timeout) for a database that just failed,
-                    # and a stop meanwhile finds it spooled.
-                    with self._cond:
-                        behind = self._queue[:]
-                        self._queue.clear()
-                        self._cond.notify_all()
-                    self._finish(behind, error)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                self._closed = True
+                left = [j for j in self._current if not j.done.is_set()] + self._queue
+                self._queue.clear()
+            self._finish(left, exc if isinstance(exc, Exception) else RuntimeError(
+                "the saver thread stopped"), 0)
+
+    def _one_commit(self) -> bool:
+        """Write the next commit's jobs; False once closed and empty."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return False
+            jobs = self._current = self._queue[:MOST_PER_COMMIT]
+            del self._queue[:MOST_PER_COMMIT]
+        if self._last_error is not None and self._stopping():
+            # Stopping, and the database just failed: held at once, no second wait (up
+            # to a connection timeout) before systemd's stop timeout.
+            self._finish(jobs, self._last_error, 0)
+            return True
+        self._last_error = self._commit(jobs)
+        if self._last_error is not None:
+            # What queued behind a failed commit is held at once too.
+            with self._cond:
+                behind = self._queue[:]
+                self._queue.clear()
+            self._finish(behind, self._last_error, 0)
+        return True
 
     def _commit(self, jobs: list[Job[T]]) -> Exception | None:
         """Write ``jobs`` in one commit; the error if it failed (they are then held)."""
@@ -181,18 +209,20 @@ class Saver(Generic[T]):
             if len(written) != len(jobs):
                 raise RuntimeError(f"{len(written)} results for {len(jobs)} outcomes")
         except Exception as exc:  # every job is held; the replay saves them one by one
-            self._finish(jobs, exc)
+            self._finish(jobs, exc, len(jobs))
             return exc
-        self._finish(jobs, written)
+        self._finish(jobs, written, len(jobs))
         return None
 
-    def _finish(self, jobs: list[Job[T]], results: list[bool] | Exception) -> None:
+    def _finish(self, jobs: list[Job[T]], results: list[bool] | Exception,
+                tried: int) -> None:
         """The error boundary of a commit's jobs: whatever happens, each ends written or
-        handed to ``failed``, its callback runs and its waiter is woken."""
+        handed to ``failed``, its callback runs, its room is given back and its waiter
+        is woken."""
         for i, job in enumerate(jobs):
             try:
                 if isinstance(results, Exception):
-                    self._failed(job.item, results)
+                    self._failed(job.item, results, tried)
                     job.then(None)
                 else:
                     job.saved = results[i]
@@ -202,4 +232,8 @@ class Saver(Generic[T]):
                           detail=str(exc)[:200])
             finally:
                 job.done.set()
-                self._room.release()
+                if job.counted:
+                    self._room.release()
+                with self._cond:
+                    self._finished += 1
+                    self._cond.notify_all()
