@@ -310,6 +310,15 @@ def test_new_tokens_that_queue_during_a_commit_share_the_next_one(env: Env) -> N
         assert refresh is not None and env.fake.refresh_token_valid(refresh)
 
 
+def test_the_plan_after_the_start_up_probe_sees_the_probe_saved(env: Env) -> None:
+    """The first pass probes each client with one grant, then plans: the probe's grant,
+    refreshed and saved, is planned with the others (not left out as still leased)."""
+    env.seed(3)
+    m = env.engine(SlowCommits(env.store))
+    assert m.run_pass().refreshed == 3
+    assert m.capacity is not None and m.capacity.grants == 3
+
+
 class ReleaseFails(Store):
     """Releasing a client's waiting grants (when its circuit closes, after the first
     answer that accepts it) fails with an unexpected error."""

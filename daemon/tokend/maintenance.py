@@ -331,8 +331,8 @@ class Maintenance:
                     continue
                 result.claimed += 1
                 self._probes.add(grant.id)
-                probes.append(self.pool.submit(self._guarded, grant, claimed_at,
-                                               wait_saved=False))
+                # A probe waits for its save: the plan, next, sees the table as it is.
+                probes.append(self.pool.submit(self._guarded, grant, claimed_at))
         finally:
             # A claim error ends the pass, but the probes sent are judged first.
             for fut in probes:
