@@ -5,7 +5,7 @@ does not wait while the database answers. The saver writes whatever queued meanw
 ONE transaction (on SQLite one commit and one fsync for all of them): the busier the
 pass, the more each commit carries, and the database work of a pass runs in one thread
 instead of sixteen that take turns on the GIL. Measured on a 2-core machine: throughput
-went from 0.90-0.94 to 0.97-0.99 of a bare-requests reference (docs/benchmarks.md).
+went from 0.89-0.94 to 0.97-1.0 of a bare-requests reference (docs/benchmarks.md).
 
 What keeps the rotated token safe is unchanged:
 
