@@ -51,18 +51,22 @@ class Recorder:
     def put(self, saver: Saver[int], item: int, **kw: bool) -> None:
         saver.put(item, lambda saved: self.then.append((item, saved)), **kw)
 
+    def behind(self, saver: Saver[int], first: int, rest: Sequence[int]) -> None:
+        """``rest`` queue while ``first`` is being written; returns once all are done."""
+        self.gate.clear()
+        self.put(saver, first)
+        assert self.started.wait(5)
+        for item in rest:
+            self.put(saver, item)
+        self.gate.set()
+        saver.flush()
+
 
 def test_what_queues_during_a_commit_goes_in_the_next_one() -> None:
     r = Recorder()
     s = r.saver(limit=8)
     try:
-        r.gate.clear()
-        r.put(s, 1)
-        assert r.started.wait(5)  # 1 is being written; 2..5 queue meanwhile
-        for i in range(2, 6):
-            r.put(s, i)
-        r.gate.set()
-        s.flush()
+        r.behind(s, 1, range(2, 6))  # 1 is being written; 2..5 queue meanwhile
         assert r.commits == [[1], [2, 3, 4, 5]]
         assert sorted(r.then) == [(i, True) for i in range(1, 6)]
         assert s.pending() == 0
@@ -119,13 +123,7 @@ def test_a_commit_is_never_larger_than_the_most_per_commit() -> None:
     n = MOST_PER_COMMIT + 10
     s = r.saver(limit=n)
     try:
-        r.gate.clear()
-        r.put(s, 0)
-        assert r.started.wait(5)
-        for i in range(1, n):
-            r.put(s, i)
-        r.gate.set()
-        s.flush()
+        r.behind(s, 0, range(1, n))
         assert [len(c) for c in r.commits] == [1, MOST_PER_COMMIT, n - 1 - MOST_PER_COMMIT]
     finally:
         s.close()
@@ -135,13 +133,7 @@ def test_a_failed_commit_hands_every_outcome_in_it_to_failed() -> None:
     r = Recorder(fail={2})
     s = r.saver(limit=8)
     try:
-        r.gate.clear()
-        r.put(s, 1)
-        assert r.started.wait(5)
-        r.put(s, 2)
-        r.put(s, 3)
-        r.gate.set()
-        s.flush()
+        r.behind(s, 1, [2, 3])
         r.put(s, 4)  # the saver goes on after a failed commit
         s.flush()
         assert r.commits == [[1], [4]]
@@ -156,13 +148,7 @@ def test_what_queued_behind_a_failed_commit_is_held_without_a_second_wait() -> N
     r = Recorder(fail={1})
     s = r.saver(limit=8)
     try:
-        r.gate.clear()
-        r.put(s, 1)
-        assert r.started.wait(5)
-        r.put(s, 2)
-        r.put(s, 3)
-        r.gate.set()
-        s.flush()
+        r.behind(s, 1, [2, 3])
         assert r.tried == [[1]]  # the database just failed: 2 and 3 are not tried
         assert [i for i, _ in r.held] == [1, 2, 3]
         assert r.held_tried == {1: 1, 2: 0, 3: 0}
