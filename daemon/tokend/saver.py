@@ -19,8 +19,8 @@ What keeps the rotated token safe is unchanged:
 * an outcome whose save fails is handed to ``failed`` (the caller holds it: spooled to
   disk at once and replayed in the background, :mod:`tokend.spool`), and so is what
   queued behind it;
-* ``flush`` returns once everything handed in is written or held: a pass ends only
-  then, and ``close`` writes what is left before the process exits.
+* ``flush`` returns once everything handed in before it is written or held: a pass
+  ends only then, and ``close`` writes what is left before the process exits.
 """
 
 from __future__ import annotations

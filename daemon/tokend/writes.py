@@ -227,7 +227,7 @@ class Writes(Reads, Outbox):
         return saved
 
     def _save_args(self, grant: Grant, outcome: Outcome, owner: str,
-                        now: datetime) -> tuple[Any, dict[str, Any]]:
+                   now: datetime) -> tuple[Any, dict[str, Any]]:
         params: dict[str, Any] = {
             "g_id": grant.id, "g_owner": owner, "g_version": grant.token_version,
             "p_status": outcome.status.value, "p_reason": outcome.reason,
